@@ -1,0 +1,1 @@
+"""Share Studio: continual style learning for Stable Diffusion with shared LoRA subspaces."""
