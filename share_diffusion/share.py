@@ -1,0 +1,558 @@
+"""Share: shared LoRA subspaces for continual style learning (arXiv 2602.06043).
+
+Every adapted nn.Linear (weight W: d_out×d_in, y = x Wᵀ) carries one shared basis per side,
+basis_a C_A (d_in×k_a) and basis_b C_B (d_out×k_b) with orthonormal columns, and for every
+style s the loadings L_A[s] (k_a×r_s), L_B[s] (k_b×r_s) and a scalar scale_s:
+
+    ΔW_s = scale_s · (C_B L_B[s]) (C_A L_A[s])ᵀ
+
+The life of a style, one function each below:
+  1. initialize    an empty layer has k = 0; the first style's merge creates the basis.
+  2. expand_basis  φ random directions orthogonal to the basis, one set per side (E_A, E_B).
+  3. train         A = [C_A, E_A] L_A, B = [C_B, E_B] L_B; only L_A, L_B, E_A, E_B learn.
+  4. merge_style   thin SVD of every style's canonical factors gives the new basis.
+  5. reproject     every style's loadings become the least-squares projection onto it.
+
+k_a and k_b are chosen independently by the same rule (usually they are equal).
+Styles are identified by string ids without "." (they appear inside state-dict keys).
+
+Model level (PEFT-tuner-like): ShareConfig -> inject_share_layers() wraps target nn.Linear
+modules in ShareLinear; the functions after it act on every ShareLinear of a model.
+"""
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
+CLIP_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+# A style mix: {style id: weight}, or one such dict per batch item.
+StyleMix = dict[str, float] | list[dict[str, float]]
+
+
+@dataclass
+class ShareConfig:
+    rank: int = 4  # r of a newly trained style
+    phi: int = 8  # new directions per side while training a style
+    alpha: float | None = None  # scale = alpha / rank; None means alpha = rank
+    max_basis_rank: int = 64  # cap on k per side
+    energy_threshold: float = 0.999999999  # keep all but numerical noise of Σσ²
+    target_modules: tuple[str, ...] = UNET_TARGET_MODULES
+
+    @property
+    def scale(self) -> float:
+        return (self.rank if self.alpha is None else self.alpha) / self.rank
+
+
+# ---------------------------------------------------------------------------------------
+# The method, on plain tensors
+# ---------------------------------------------------------------------------------------
+
+
+def expand_basis(basis: Tensor, phi: int, generator: torch.Generator | None = None) -> Tensor:
+    """φ random orthonormal directions orthogonal to the columns of basis (d×k) -> (d×φ')."""
+    d, k = basis.shape
+    phi = min(phi, d - k)
+    random = torch.randn(d, phi, generator=generator, dtype=torch.float64).to(basis.device)
+    basis = basis.to(torch.float64)
+    for _ in range(2):  # twice: one Gram-Schmidt pass loses orthogonality in floating point
+        random = random - basis @ (basis.mT @ random)
+    return torch.linalg.qr(random).Q.to(torch.float32)
+
+
+def canonical_factors(factors_b: Tensor, factors_a: Tensor) -> tuple[Tensor, Tensor]:
+    """Balanced factors of ΔW = B Aᵀ from its thin SVD: B̃ = Q_b U √S, Ã = Q_a V √S.
+
+    B̃ Ãᵀ = B Aᵀ, and B̃ B̃ᵀ = (ΔW ΔWᵀ)^½ depends on ΔW only, not on the gauge
+    B -> B M, A -> A M⁻ᵀ. Batched over leading dimensions; width min(d_b, d_a, r).
+    """
+    q_b, r_b = torch.linalg.qr(factors_b)
+    q_a, r_a = torch.linalg.qr(factors_a)
+    u, s, vh = torch.linalg.svd(r_b @ r_a.mT, full_matrices=False)
+    root = s.sqrt().unsqueeze(-2)
+    return q_b @ u * root, q_a @ vh.mT * root
+
+
+def pad_columns(matrix: Tensor, width: int) -> Tensor:
+    return F.pad(matrix, (0, width - matrix.shape[-1]))
+
+
+def stack_padded(loadings: list[Tensor], rows: int, width: int) -> Tensor:
+    """Stack (k×r_s) loadings into (T, k, width), zero-padding the columns."""
+    if not loadings:
+        return torch.zeros(0, rows, width)
+    return torch.stack([pad_columns(x.to(loadings[0]), width) for x in loadings])
+
+
+def subspace_coordinates(basis: Tensor, old_coordinates: Tensor, new_factor: Tensor) -> tuple[Tensor, Tensor]:
+    """Q = orthonormal span of [basis, new_factor] (d×q), and every style's factor in Q coordinates.
+
+    old_coordinates (T, k, w) are styles in basis coordinates; new_factor is (d, w').
+    Returns Q and coordinates (T+1, q, max(w, w')). Cost O(d q²): nothing grows with T·d.
+    """
+    q = torch.linalg.qr(torch.cat([basis, new_factor], dim=1)).Q
+    basis_in_q = q.mT @ basis
+    width = max(old_coordinates.shape[-1], new_factor.shape[-1])
+    old = pad_columns(basis_in_q @ old_coordinates, width)
+    new = pad_columns(q.mT @ new_factor, width)
+    return q, torch.cat([old, new.unsqueeze(0)])
+
+
+def basis_rank(singular_values: Tensor, max_rank: int, energy_threshold: float, tolerance: float) -> int:
+    """min(cap, smallest k reaching the energy threshold of Σσ², number of non-zero σ)."""
+    energy = singular_values.square()
+    if energy.sum() == 0:
+        return 0
+    cumulative = energy.cumsum(0) / energy.sum()
+    reaching_threshold = int((cumulative < energy_threshold).sum()) + 1
+    nonzero = int((singular_values > tolerance * singular_values[0]).sum())
+    return min(max_rank, reaching_threshold, nonzero)
+
+
+def principal_directions(coordinates: Tensor, max_rank: int, energy_threshold: float, eps: float) -> Tensor:
+    """Top left singular vectors (q×k) of all styles' factors stacked side by side."""
+    norms = coordinates.square().sum(dim=(1, 2), keepdim=True).sqrt()
+    # Every style enters with unit norm so a quiet style is not drowned out by a loud one.
+    unit = coordinates / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    stacked = unit.permute(1, 0, 2).reshape(unit.shape[1], -1)
+    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
+    k = basis_rank(s, max_rank, energy_threshold, tolerance=max(stacked.shape) * eps)
+    return u[:, :k]
+
+
+def reproject(
+    directions_b: Tensor, directions_a: Tensor, coordinates_b: Tensor, coordinates_a: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Least-squares loadings of every style on the new basis, and each style's relative error.
+
+    With C = Q·directions and B̃ = Q·coordinates, L_B = C_Bᵀ B̃ = directionsᵀ·coordinates;
+    C_B L_B L_Aᵀ C_Aᵀ is then the Frobenius projection of ΔW onto {C_B K C_Aᵀ}.
+    Errors ‖ΔW_s − ΔŴ_s‖_F / ‖ΔW_s‖_F are computed in the small Q coordinates.
+    """
+    loadings_b = directions_b.mT @ coordinates_b
+    loadings_a = directions_a.mT @ coordinates_a
+    delta = coordinates_b @ coordinates_a.mT
+    kept = directions_b @ (loadings_b @ loadings_a.mT) @ directions_a.mT
+    delta_norm = torch.linalg.matrix_norm(delta)
+    errors = torch.linalg.matrix_norm(delta - kept) / delta_norm.clamp_min(torch.finfo(delta.dtype).tiny)
+    return loadings_b, loadings_a, errors
+
+
+class Merge(NamedTuple):
+    basis_b: Tensor  # (d_out, k_b)
+    basis_a: Tensor  # (d_in, k_a)
+    loadings_b: Tensor  # (T+1, k_b, r), the new style last
+    loadings_a: Tensor  # (T+1, k_a, r)
+    relative_errors: Tensor  # (T+1,)
+
+
+@torch.no_grad()
+def merge_style(
+    basis_b: Tensor,
+    basis_a: Tensor,
+    loadings_b: Tensor,
+    loadings_a: Tensor,
+    new_factors_b: Tensor,
+    new_factors_a: Tensor,
+    max_basis_rank: int,
+    energy_threshold: float,
+) -> Merge:
+    """Merge a new style, ΔW ∝ new_factors_b (d_out×r) new_factors_aᵀ (d_in×r), into a basis.
+
+    loadings_* (T, k, r) hold the existing styles (zero-padded to a common r). The new basis
+    is the thin SVD of all T+1 styles' unit-norm canonical factors; no d×d matrix is formed.
+    The math runs in float64: it is O(d(k+r)²) plus a (k+r)×(T·r) SVD, so precision is cheap.
+    """
+    f64 = torch.float64
+    old_b, old_a = canonical_factors(loadings_b.to(f64), loadings_a.to(f64))
+    new_b, new_a = canonical_factors(new_factors_b.to(f64), new_factors_a.to(f64))
+    q_b, coordinates_b = subspace_coordinates(basis_b.to(f64), old_b, new_b)
+    q_a, coordinates_a = subspace_coordinates(basis_a.to(f64), old_a, new_a)
+    eps = torch.finfo(basis_b.dtype).eps
+    directions_b = principal_directions(coordinates_b, max_basis_rank, energy_threshold, eps)
+    directions_a = principal_directions(coordinates_a, max_basis_rank, energy_threshold, eps)
+    new_loadings_b, new_loadings_a, errors = reproject(directions_b, directions_a, coordinates_b, coordinates_a)
+    dtype = basis_b.dtype
+    return Merge(
+        (q_b @ directions_b).to(dtype),
+        (q_a @ directions_a).to(dtype),
+        new_loadings_b.to(dtype),
+        new_loadings_a.to(dtype),
+        errors.float(),
+    )
+
+
+def relative_error(factors_b: Tensor, factors_a: Tensor, approx_b: Tensor, approx_a: Tensor) -> float:
+    """‖B Aᵀ − B̂ Âᵀ‖_F / ‖B Aᵀ‖_F without forming either d_out×d_in product.
+
+    Uses ‖X Yᵀ‖²_F = Σ (XᵀX) ∘ (YᵀY); float64, so it resolves errors down to ~1e-8.
+    """
+
+    def squared_norm(x: Tensor, y: Tensor) -> Tensor:
+        x, y = x.to(torch.float64), y.to(torch.float64)
+        return ((x.mT @ x) * (y.mT @ y)).sum()
+
+    residual = squared_norm(torch.cat([factors_b, -approx_b], 1), torch.cat([factors_a, approx_a], 1))
+    reference = squared_norm(factors_b, factors_a)
+    return float((residual.clamp_min(0) / reference).sqrt()) if reference > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------
+# The layer
+# ---------------------------------------------------------------------------------------
+
+
+class StyleInTraining(nn.Module):
+    """The style being learned: A = [C_A, E_A] @ loadings_a, B = [C_B, E_B] @ loadings_b."""
+
+    def __init__(self, style: str, basis_b: Tensor, basis_a: Tensor, config: ShareConfig, generator=None):
+        super().__init__()
+        self.style = style
+        self.scale = config.scale
+        device = basis_a.device
+        self.extra_basis_a = nn.Parameter(expand_basis(basis_a, config.phi, generator))
+        self.extra_basis_b = nn.Parameter(expand_basis(basis_b, config.phi, generator))
+        k_a = basis_a.shape[1] + self.extra_basis_a.shape[1]
+        k_b = basis_b.shape[1] + self.extra_basis_b.shape[1]
+        bound = k_a**-0.5  # LoRA's kaiming_uniform(a=√5) bound, fan-in = k_a coordinates
+        loadings_a = torch.empty(k_a, config.rank).uniform_(-bound, bound, generator=generator)
+        self.loadings_a = nn.Parameter(loadings_a.to(device))
+        self.loadings_b = nn.Parameter(torch.zeros(k_b, config.rank, device=device))
+
+    def factors(self, basis_b: Tensor, basis_a: Tensor) -> tuple[Tensor, Tensor]:
+        """Full factors (B: d_out×r, A: d_in×r) with ΔW = scale · B Aᵀ."""
+        factors_b = torch.cat([basis_b, self.extra_basis_b], dim=1) @ self.loadings_b
+        factors_a = torch.cat([basis_a, self.extra_basis_a], dim=1) @ self.loadings_a
+        return factors_b, factors_a
+
+
+class ShareLinear(nn.Module):
+    """nn.Linear plus Share styles: y = base(x) + ((x C_A) M) C_Bᵀ, i.e. ΔW = C_B Mᵀ C_Aᵀ.
+
+    M = Σ_s w_s·scale_s·L_A[s] L_B[s]ᵀ (k_a×k_b) is the active mix: a mix applies the
+    weighted sum of full ΔW_s (no cross terms between styles), and switching styles only
+    recomputes M. Loadings of all styles are stacked (styles, k, r_max); a lower-rank style
+    is zero-padded, and zero columns add nothing to ΔW.
+
+    The Share state is float32 buffers kept out of the model's state_dict (see
+    share_state_dict); adapter math is cast to the input's dtype.
+    """
+
+    def __init__(self, base_layer: nn.Linear, config: ShareConfig):
+        super().__init__()
+        self.base_layer = base_layer
+        self.config = config
+        self.style_ids: list[str] = []
+        self.active_styles: StyleMix | None = None
+        self.fused = False
+        self.style_in_training: StyleInTraining | None = None
+        state = dict(device=base_layer.weight.device, dtype=torch.float32)
+        self.register_buffer("basis_a", torch.zeros(base_layer.in_features, 0, **state), persistent=False)
+        self.register_buffer("basis_b", torch.zeros(base_layer.out_features, 0, **state), persistent=False)
+        self.register_buffer("loadings_a", torch.zeros(0, 0, 0, **state), persistent=False)
+        self.register_buffer("loadings_b", torch.zeros(0, 0, 0, **state), persistent=False)
+        self.register_buffer("scales", torch.zeros(0, **state), persistent=False)
+        self.register_buffer("mix", None, persistent=False)
+
+    # diffusers' attention processors read attn.to_q.weight.dtype
+    @property
+    def weight(self) -> Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> Tensor | None:
+        return self.base_layer.bias
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.base_layer(x)
+        if self.style_in_training is not None:
+            # Only the new style, so what it learns stands on its own after the merge.
+            factors_b, factors_a = self.style_in_training.factors(self.basis_b, self.basis_a)
+            adapter = (x @ factors_a.to(x.dtype)) @ factors_b.mT.to(x.dtype)
+            return y + self.style_in_training.scale * adapter
+        if self.fused or self.mix is None:
+            return y
+        hidden = x @ self.basis_a.to(x.dtype)
+        mix = self.mix.to(x.dtype)
+        if mix.dim() == 3:  # one mix per batch item
+            if len(mix) != len(x):
+                raise ValueError(f"{len(mix)} per-item style mixes for a batch of {len(x)}")
+            per_item = hidden.reshape(len(x), -1, hidden.shape[-1])
+            hidden = torch.bmm(per_item, mix).reshape(*hidden.shape[:-1], mix.shape[-1])
+        else:
+            hidden = hidden @ mix
+        return y + hidden @ self.basis_b.mT.to(x.dtype)
+
+    def _require_idle(self) -> None:
+        if self.fused:
+            raise RuntimeError("unfuse() first: the fused weight holds the current mix")
+        if self.style_in_training is not None:
+            raise RuntimeError(f"style {self.style_in_training.style!r} is in training: finish or discard it")
+
+    def _index(self, style: str) -> int:
+        if style not in self.style_ids:
+            raise KeyError(f"unknown style {style!r}; known: {self.style_ids}")
+        return self.style_ids.index(style)
+
+    # --- styles -------------------------------------------------------------------------
+
+    def add_style(self, style: str, factors_b: Tensor, factors_a: Tensor, scale: float = 1.0) -> dict[str, float]:
+        """Merge a style with ΔW = scale · factors_b factors_aᵀ (a trained style or an imported
+        LoRA: B = lora_B.weight, A = lora_A.weightᵀ). Returns every style's relative error."""
+        self._require_idle()
+        if not style or "." in style or style in self.style_ids:
+            raise ValueError(f"style id {style!r} must be new, non-empty and without '.'")
+        device = self.basis_a.device
+        merge = merge_style(
+            self.basis_b, self.basis_a, self.loadings_b, self.loadings_a,
+            factors_b.to(device), factors_a.to(device),
+            self.config.max_basis_rank, self.config.energy_threshold,
+        )  # fmt: skip
+        self.basis_b, self.basis_a = merge.basis_b, merge.basis_a
+        self.loadings_b, self.loadings_a = merge.loadings_b, merge.loadings_a
+        self.scales = torch.cat([self.scales, self.scales.new_tensor([scale])])
+        self.style_ids.append(style)
+        self._refresh_mix()
+        return dict(zip(self.style_ids, merge.relative_errors.tolist()))
+
+    def remove_style(self, style: str) -> None:
+        """Drop a style's loadings; the basis is unchanged. It also leaves the active mix."""
+        self._require_idle()
+        keep = [i for i in range(len(self.style_ids)) if i != self._index(style)]
+        self.loadings_b, self.loadings_a = self.loadings_b[keep], self.loadings_a[keep]
+        self.scales = self.scales[keep]
+        self.style_ids.remove(style)
+        mixes = self.active_styles if isinstance(self.active_styles, list) else [self.active_styles or {}]
+        for mix in mixes:
+            mix.pop(style, None)
+        self._refresh_mix()
+
+    def style_loadings(self, style: str) -> tuple[Tensor, Tensor, float]:
+        """(L_B, L_A, scale) of one style, without zero padding columns."""
+        i = self._index(style)
+        loadings_b, loadings_a = self.loadings_b[i], self.loadings_a[i]
+        used = (loadings_b != 0).any(0) | (loadings_a != 0).any(0)
+        return loadings_b[:, used], loadings_a[:, used], float(self.scales[i])
+
+    def style_factors(self, style: str) -> tuple[Tensor, Tensor]:
+        """Full factors for export, scale folded into B: ΔW_s = B Aᵀ (B: d_out×r, A: d_in×r)."""
+        loadings_b, loadings_a, scale = self.style_loadings(style)
+        return scale * self.basis_b @ loadings_b, self.basis_a @ loadings_a
+
+    def set_active_styles(self, styles: StyleMix | None) -> None:
+        """{style: weight} for the whole batch, a list of them (one per batch item), or None."""
+        if self.fused:
+            raise RuntimeError("unfuse() first: the fused weight holds the current mix")
+        for mix in styles if isinstance(styles, list) else [styles or {}]:
+            for style in mix:
+                self._index(style)
+        self.active_styles = [dict(mix) for mix in styles] if isinstance(styles, list) else dict(styles or {})
+        self._refresh_mix()
+
+    def _refresh_mix(self) -> None:
+        if not self.active_styles:
+            self.mix = None
+            return
+        per_item = isinstance(self.active_styles, list)
+        mixes = self.active_styles if per_item else [self.active_styles]
+        weights = self.scales.new_zeros(len(mixes), len(self.style_ids))
+        for n, mix in enumerate(mixes):
+            for style, weight in mix.items():
+                weights[n, self.style_ids.index(style)] = weight
+        mix = torch.einsum("nt,tar,tbr->nab", weights * self.scales, self.loadings_a, self.loadings_b)
+        self.mix = mix if per_item else mix[0]
+
+    # --- training -----------------------------------------------------------------------
+
+    def begin_training(self, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+        """Expand the basis by φ per side and return the new style's trainable parameters."""
+        self._require_idle()
+        if style in self.style_ids:
+            raise ValueError(f"style {style!r} exists; remove it first to retrain")
+        self.style_in_training = StyleInTraining(style, self.basis_b, self.basis_a, self.config, generator)
+        return list(self.style_in_training.parameters())
+
+    def finish_training(self) -> dict[str, float]:
+        """Merge the trained style into the basis; returns every style's relative error."""
+        training = self.style_in_training
+        with torch.no_grad():
+            factors_b, factors_a = training.factors(self.basis_b, self.basis_a)
+        self.style_in_training = None
+        return self.add_style(training.style, factors_b, factors_a, training.scale)
+
+    def discard_training(self) -> None:
+        self.style_in_training = None
+
+    # --- fusing ---------------------------------------------------------------------------
+
+    def _mix_delta(self) -> Tensor:
+        return self.basis_b @ self.mix.mT @ self.basis_a.mT
+
+    @torch.no_grad()
+    def fuse(self) -> None:
+        """Add the active mix's ΔW into base_layer.weight; forward then skips the adapter."""
+        self._require_idle()
+        if self.mix is not None:
+            if self.mix.dim() == 3:
+                raise RuntimeError("a per-item style mix cannot be fused")
+            self.base_layer.weight += self._mix_delta().to(self.weight.dtype)
+        self.fused = True
+
+    @torch.no_grad()
+    def unfuse(self) -> None:
+        if self.fused and self.mix is not None:
+            self.base_layer.weight -= self._mix_delta().to(self.weight.dtype)
+        self.fused = False
+
+    # --- state --------------------------------------------------------------------------
+
+    def load_state(self, basis_b: Tensor, basis_a: Tensor, styles: dict[str, tuple[Tensor, Tensor, float]]) -> None:
+        """Replace the whole Share state; styles maps id -> (L_B, L_A, scale)."""
+        self._require_idle()
+        state = dict(device=self.basis_a.device, dtype=torch.float32)
+        self.basis_b, self.basis_a = basis_b.to(**state), basis_a.to(**state)
+        width = max((loadings_b.shape[1] for loadings_b, _, _ in styles.values()), default=0)
+        self.loadings_b = stack_padded([b for b, _, _ in styles.values()], basis_b.shape[1], width).to(**state)
+        self.loadings_a = stack_padded([a for _, a, _ in styles.values()], basis_a.shape[1], width).to(**state)
+        self.scales = torch.tensor([float(scale) for _, _, scale in styles.values()], **state)
+        self.style_ids = list(styles)
+        self.active_styles = None
+        self._refresh_mix()
+
+
+# ---------------------------------------------------------------------------------------
+# Injection and model-level operations (every ShareLinear of a model at once)
+# ---------------------------------------------------------------------------------------
+
+
+def inject_share_layers(model: nn.Module, config: ShareConfig) -> dict[str, ShareLinear]:
+    """Wrap every nn.Linear whose name ends with a config.target_modules entry.
+
+    UNet2DConditionModel: the default targets; CLIPTextModel: CLIP_TARGET_MODULES.
+    """
+    if share_layers(model):
+        raise RuntimeError("model already has Share layers")
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in config.target_modules)
+    ]
+    if not targets:
+        raise ValueError(f"no nn.Linear matches {config.target_modules}")
+    for name in targets:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child_name, ShareLinear(getattr(parent, child_name), config))
+    return share_layers(model)
+
+
+def share_layers(model: nn.Module) -> dict[str, ShareLinear]:
+    return {name: module for name, module in model.named_modules() if isinstance(module, ShareLinear)}
+
+
+def remove_share_layers(model: nn.Module) -> None:
+    """Put the original nn.Linear modules back (unfusing first)."""
+    for name, layer in share_layers(model).items():
+        layer.unfuse()
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, layer.base_layer)
+
+
+def style_ids(model: nn.Module) -> list[str]:
+    return list(next(iter(share_layers(model).values())).style_ids)
+
+
+def set_active_styles(model: nn.Module, styles: StyleMix | None) -> None:
+    for layer in share_layers(model).values():
+        layer.set_active_styles(styles)
+
+
+def add_style(
+    model: nn.Module, style: str, factors: dict[str, tuple[Tensor, Tensor]], scale: float = 1.0
+) -> dict[str, dict[str, float]]:
+    """Import a style (e.g. a plain LoRA) given as layer name -> (B: d_out×r, A: d_in×r),
+    ΔW = scale · B Aᵀ. Layers not in factors get the style with ΔW = 0.
+    Returns layer name -> {style: relative error}."""
+    layers = share_layers(model)
+    unknown = set(factors) - set(layers)
+    if unknown:
+        raise KeyError(f"no Share layer named {sorted(unknown)[:3]}")
+    errors = {}
+    for name, layer in layers.items():
+        empty = (layer.basis_b.new_zeros(layer.basis_b.shape[0], 0), layer.basis_a.new_zeros(layer.basis_a.shape[0], 0))
+        errors[name] = layer.add_style(style, *factors.get(name, empty), scale=scale)
+    return errors
+
+
+def remove_style(model: nn.Module, style: str) -> None:
+    for layer in share_layers(model).values():
+        layer.remove_style(style)
+
+
+def export_style(model: nn.Module, style: str) -> dict[str, tuple[Tensor, Tensor]]:
+    """layer name -> (B, A) with ΔW = B Aᵀ (scale folded into B), e.g. to save as a LoRA."""
+    return {name: layer.style_factors(style) for name, layer in share_layers(model).items()}
+
+
+def begin_style_training(model: nn.Module, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+    """Freeze the whole model, expand every Share layer and return the trainable parameters."""
+    model.requires_grad_(False)
+    return [p for layer in share_layers(model).values() for p in layer.begin_training(style, generator)]
+
+
+def finish_style_training(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Merge the trained style on every layer; returns layer name -> {style: relative error}."""
+    return {name: layer.finish_training() for name, layer in share_layers(model).items()}
+
+
+def discard_style_training(model: nn.Module) -> None:
+    """Drop the style in training; the Share state is exactly as before begin_style_training."""
+    for layer in share_layers(model).values():
+        layer.discard_training()
+
+
+def fuse_share_layers(model: nn.Module) -> None:
+    for layer in share_layers(model).values():
+        layer.fuse()
+
+
+def unfuse_share_layers(model: nn.Module) -> None:
+    for layer in share_layers(model).values():
+        layer.unfuse()
+
+
+def share_state_dict(model: nn.Module) -> dict[str, Tensor]:
+    """Plain tensors: '{layer}.basis_a|basis_b' and '{layer}.styles.{style}.loadings_a|loadings_b|scale'."""
+    state = {}
+    for name, layer in share_layers(model).items():
+        state[f"{name}.basis_a"] = layer.basis_a.clone()
+        state[f"{name}.basis_b"] = layer.basis_b.clone()
+        for style in layer.style_ids:
+            loadings_b, loadings_a, scale = layer.style_loadings(style)
+            state[f"{name}.styles.{style}.loadings_a"] = loadings_a.clone()
+            state[f"{name}.styles.{style}.loadings_b"] = loadings_b.clone()
+            state[f"{name}.styles.{style}.scale"] = torch.tensor(scale)
+    return state
+
+
+def load_share_state_dict(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Inverse of share_state_dict; style order follows the order of the keys."""
+    layers = share_layers(model)
+    styles: dict[str, dict[str, dict[str, Tensor]]] = {name: {} for name in layers}
+    for key, value in state.items():
+        if key.endswith((".basis_a", ".basis_b")):
+            continue
+        name, styles_word, style, field = key.rsplit(".", 3)
+        if name not in layers or styles_word != "styles":
+            raise KeyError(f"unexpected key {key!r}")
+        styles[name].setdefault(style, {})[field] = value
+    for name, layer in layers.items():
+        layer.load_state(
+            state[f"{name}.basis_b"],
+            state[f"{name}.basis_a"],
+            {s: (t["loadings_b"], t["loadings_a"], float(t["scale"])) for s, t in styles[name].items()},
+        )
