@@ -118,7 +118,8 @@ def principal_directions(coordinates: Tensor, max_rank: int, energy_threshold: f
     norms = coordinates.square().sum(dim=(1, 2), keepdim=True).sqrt()
     # Every style enters with unit norm so a quiet style is not drowned out by a loud one.
     unit = coordinates / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-    stacked = unit.permute(1, 0, 2).reshape(unit.shape[1], -1)
+    styles, q, width = unit.shape
+    stacked = unit.permute(1, 0, 2).reshape(q, styles * width)
     u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
     k = basis_rank(s, max_rank, energy_threshold, tolerance=max(stacked.shape) * eps)
     return u[:, :k]
