@@ -54,7 +54,10 @@ class ShareConfig:
 
 
 def expand_basis(basis: Tensor, phi: int, generator: torch.Generator | None = None) -> Tensor:
-    """φ random orthonormal directions orthogonal to the columns of basis (d×k) -> (d×φ')."""
+    """φ random orthonormal directions orthogonal to the columns of basis (d×k) -> (d×φ'), float32.
+
+    φ' = min(φ, d − k). generator is a CPU generator (directions are drawn on the CPU).
+    """
     d, k = basis.shape
     phi = min(phi, d - k)
     random = torch.randn(d, phi, generator=generator, dtype=torch.float64).to(basis.device)
@@ -85,7 +88,7 @@ def stack_padded(loadings: list[Tensor], rows: int, width: int) -> Tensor:
     """Stack (k×r_s) loadings into (T, k, width), zero-padding the columns."""
     if not loadings:
         return torch.zeros(0, rows, width)
-    return torch.stack([pad_columns(x.to(loadings[0]), width) for x in loadings])
+    return torch.stack([pad_columns(x, width) for x in loadings])
 
 
 def subspace_coordinates(basis: Tensor, old_coordinates: Tensor, new_factor: Tensor) -> tuple[Tensor, Tensor]:
@@ -240,7 +243,8 @@ class ShareLinear(nn.Module):
     is zero-padded, and zero columns add nothing to ΔW.
 
     The Share state is float32 buffers kept out of the model's state_dict (see
-    share_state_dict); adapter math is cast to the input's dtype.
+    share_state_dict); adapter math is cast to the input's dtype. Inject after moving the
+    model to its dtype: a later model.to(float16) would cast the Share state too.
     """
 
     def __init__(self, base_layer: nn.Linear, config: ShareConfig):
@@ -323,7 +327,8 @@ class ShareLinear(nn.Module):
     def remove_style(self, style: str) -> None:
         """Drop a style's loadings; the basis is unchanged. It also leaves the active mix."""
         self._require_idle()
-        keep = [i for i in range(len(self.style_ids)) if i != self._index(style)]
+        index = self._index(style)
+        keep = [i for i in range(len(self.style_ids)) if i != index]
         self.loadings_b, self.loadings_a = self.loadings_b[keep], self.loadings_a[keep]
         self.scales = self.scales[keep]
         self.style_ids.remove(style)
@@ -380,6 +385,8 @@ class ShareLinear(nn.Module):
     def finish_training(self) -> dict[str, float]:
         """Merge the trained style into the basis; returns every style's relative error."""
         training = self.style_in_training
+        if training is None:
+            raise RuntimeError("no style in training")
         with torch.no_grad():
             factors_b, factors_a = training.factors(self.basis_b, self.basis_a)
         self.style_in_training = None
@@ -416,6 +423,7 @@ class ShareLinear(nn.Module):
         self._require_idle()
         state = dict(device=self.basis_a.device, dtype=torch.float32)
         self.basis_b, self.basis_a = basis_b.to(**state), basis_a.to(**state)
+        styles = {style: (b.to(**state), a.to(**state), scale) for style, (b, a, scale) in styles.items()}
         width = max((loadings_b.shape[1] for loadings_b, _, _ in styles.values()), default=0)
         self.loadings_b = stack_padded([b for b, _, _ in styles.values()], basis_b.shape[1], width).to(**state)
         self.loadings_a = stack_padded([a for _, a, _ in styles.values()], basis_a.shape[1], width).to(**state)
@@ -464,7 +472,9 @@ def remove_share_layers(model: nn.Module) -> None:
 
 
 def style_ids(model: nn.Module) -> list[str]:
-    return list(next(iter(share_layers(model).values())).style_ids)
+    """Styles in merge order (every Share layer holds the same styles)."""
+    layers = list(share_layers(model).values())
+    return list(layers[0].style_ids) if layers else []
 
 
 def set_active_styles(model: nn.Module, styles: StyleMix | None) -> None:
