@@ -10,7 +10,9 @@ Everything is deterministic given a `numpy.random.Generator`.
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -309,3 +311,24 @@ def style_images(style: str, count: int, seed: int = 0) -> list[tuple[Image.Imag
         scene = sample_scene(rng)
         out.append((to_pil(render_styled(style, scene, rng)), scene.caption()))
     return out
+
+
+EXAMPLE_STYLES = ("hatching", "neon", "mosaic", "halftone")
+
+
+def write_examples(directory: Path, styles=EXAMPLE_STYLES, count: int = 12, seed: int = 1000) -> None:
+    """Demo training sets: `<directory>/<style>/NN.png` with kohya-style `NN.txt` captions."""
+    for n, style in enumerate(styles):
+        folder = directory / style
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, (image, caption) in enumerate(style_images(style, count, seed=seed + n)):
+            image.save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(caption + "\n")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Write the demo style image sets.")
+    parser.add_argument("command", choices=["examples"])
+    parser.add_argument("--out", type=Path, default=Path("styles/examples"))
+    args = parser.parse_args()
+    write_examples(args.out)

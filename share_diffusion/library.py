@@ -1,0 +1,402 @@
+"""The style library: one `.safetensors` file holding every learned style.
+
+Tensors (float32):
+    unet.<layer>.basis_a | basis_b                       the shared basis, stored once per layer
+    unet.<layer>.styles.<id>.loadings_a | loadings_b | scale
+    text_encoder.<layer>...                              the same, when the text encoder is adapted
+Metadata: one JSON document under the key "share_studio" (see `new_metadata`).
+
+Styles have a stable internal id ("s1", "s2", ...) used in tensor names, and a display name that
+users may change freely. Writes are atomic (temporary file, fsync, rename) and keep the previous
+version as `<file>.bak`, which is what "undo the last merge" restores. Loading validates everything
+before any tensor reaches a model, and reads nothing but safetensors.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import struct
+import unicodedata
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import save as save_safetensors_bytes
+
+from .models import ShareStudioError
+from .share import ShareConfig
+
+FORMAT_VERSION = 1
+METADATA_KEY = "share_studio"
+MAX_HEADER_BYTES = 16 * 1024 * 1024
+MAX_FILE_BYTES = 4 * 1024**3
+MAX_NAME_LENGTH = 64
+COMPONENTS = ("unet", "text_encoder")
+TENSOR_FIELDS = ("basis_a", "basis_b")
+STYLE_FIELDS = ("loadings_a", "loadings_b", "scale")
+
+
+class LibraryError(ShareStudioError, ValueError):
+    """A library file that cannot be used, with a message saying why."""
+
+
+class LibraryLockedError(LibraryError):
+    pass
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def check_style_name(name: object) -> str:
+    """A display name: 1-64 printable characters, no path separators."""
+    if not isinstance(name, str):
+        raise LibraryError("a style name must be text")
+    name = unicodedata.normalize("NFC", name).strip()
+    if not name:
+        raise LibraryError("a style name cannot be empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise LibraryError(f"a style name has at most {MAX_NAME_LENGTH} characters (got {len(name)})")
+    if any(unicodedata.category(c).startswith("C") for c in name):
+        raise LibraryError(f"style name {name!r} contains control characters")
+    if "/" in name or "\\" in name:
+        raise LibraryError(f"style name {name!r} contains a path separator")
+    return name
+
+
+def check_trigger(trigger: object) -> str:
+    trigger = check_style_name(trigger)
+    if not re.fullmatch(r"[\w\- ]+", trigger):
+        raise LibraryError(f"trigger {trigger!r}: use letters, digits, spaces, '-' or '_'")
+    return trigger.lower()
+
+
+def default_trigger(name: str) -> str:
+    """A trigger word from a style name: lower-case letters and digits, e.g. "Ink Wash 2" -> "inkwash2"."""
+    word = re.sub(r"[^a-z0-9]", "", unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode().lower())
+    return word or "style"
+
+
+def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_encoder_modules=None) -> dict:
+    return {
+        "format_version": FORMAT_VERSION,
+        "base_model": {"id": base_model, "fingerprint": fingerprint},
+        "target_modules": {"unet": list(config.target_modules), "text_encoder": list(text_encoder_modules or [])},
+        "share": {
+            "rank": config.rank,
+            "phi": config.phi,
+            "alpha": config.alpha,
+            "max_basis_rank": config.max_basis_rank,
+            "energy_threshold": config.energy_threshold,
+        },
+        "next_style_number": 1,
+        "styles": [],
+        "merges": [],
+    }
+
+
+class StyleLibrary:
+    """The Share state of a pipeline (`state`: tensors) plus metadata (`meta`: plain JSON)."""
+
+    def __init__(self, meta: dict, state: dict[str, torch.Tensor]):
+        self.meta = meta
+        self.state = state
+
+    # --- styles ---------------------------------------------------------------------------
+
+    @property
+    def styles(self) -> list[dict]:
+        return self.meta["styles"]
+
+    def style(self, name: str) -> dict:
+        for record in self.styles:
+            if record["name"] == name:
+                return record
+        known = ", ".join(repr(s["name"]) for s in self.styles) or "none yet"
+        raise LibraryError(f"no style named {name!r} in this library (styles: {known})")
+
+    def has_style(self, name: str) -> bool:
+        return any(s["name"] == name for s in self.styles)
+
+    def new_style_id(self) -> str:
+        number = self.meta["next_style_number"]
+        self.meta["next_style_number"] = number + 1
+        return f"s{number}"
+
+    def share_config(self) -> ShareConfig:
+        share = self.meta["share"]
+        return ShareConfig(
+            rank=share["rank"],
+            phi=share["phi"],
+            alpha=share["alpha"],
+            max_basis_rank=share["max_basis_rank"],
+            energy_threshold=share["energy_threshold"],
+            target_modules=tuple(self.meta["target_modules"]["unet"]),
+        )
+
+    def component_state(self, component: str) -> dict[str, torch.Tensor]:
+        prefix = component + "."
+        return {k[len(prefix):]: v for k, v in self.state.items() if k.startswith(prefix)}
+
+    def set_component_state(self, component: str, state: dict[str, torch.Tensor]) -> None:
+        prefix = component + "."
+        self.state = {k: v for k, v in self.state.items() if not k.startswith(prefix)}
+        self.state.update({prefix + k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()})
+
+    def basis_rank(self) -> int:
+        """The widest basis of any layer (k)."""
+        return max((v.shape[1] for k, v in self.state.items() if k.endswith(".basis_a")), default=0)
+
+    # --- files ----------------------------------------------------------------------------
+
+    def to_bytes(self) -> bytes:
+        return save_safetensors_bytes(self.state, metadata={METADATA_KEY: json.dumps(self.meta)})
+
+    def save(self, path: str | os.PathLike) -> None:
+        write_atomically(Path(path), self.to_bytes(), keep_backup=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> StyleLibrary:
+        path = Path(path)
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise LibraryError(f"{path}: no such library file") from None
+        except OSError as error:
+            raise LibraryError(f"{path}: cannot read it ({error.strerror})") from None
+        if size > MAX_FILE_BYTES:
+            raise LibraryError(f"{path}: {size} bytes is too large for a style library")
+        try:
+            data = path.read_bytes()
+        except OSError as error:
+            raise LibraryError(f"{path}: cannot read it ({error.strerror})") from None
+        return cls.from_bytes(data, source=str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, source: str = "library") -> StyleLibrary:
+        meta = read_header_metadata(data, source)
+        try:
+            state = load_safetensors_bytes(data)
+        except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
+            raise LibraryError(f"{source}: damaged tensor data ({first_line(error)})") from None
+        validate(meta, state, source)
+        return cls(meta, state)
+
+
+def first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:200] if text else type(error).__name__
+
+
+def read_header_metadata(data: bytes, source: str) -> dict:
+    """Parse the safetensors header ourselves, with limits, before safetensors sees the file."""
+    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
+        raise LibraryError(f"{source}: this is a pickle/zip file, not safetensors; it was not opened")
+    if len(data) < 8:
+        raise LibraryError(f"{source}: not a safetensors file (only {len(data)} bytes)")
+    (header_length,) = struct.unpack("<Q", data[:8])
+    if header_length > MAX_HEADER_BYTES:
+        raise LibraryError(f"{source}: header of {header_length} bytes is over the {MAX_HEADER_BYTES}-byte limit")
+    if 8 + header_length > len(data):
+        raise LibraryError(f"{source}: truncated or not a safetensors file (header runs past the end)")
+    try:
+        header = json.loads(data[8 : 8 + header_length].decode("utf-8"))
+        text = header["__metadata__"][METADATA_KEY]
+        meta = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise LibraryError(f"{source}: damaged or not a safetensors file (header is not valid JSON)") from None
+    except (KeyError, TypeError):
+        raise LibraryError(f"{source}: a safetensors file, but not a Share Studio style library") from None
+    if not isinstance(meta, dict):
+        raise LibraryError(f"{source}: library metadata is not a JSON object")
+    return meta
+
+
+def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
+    """Check metadata and tensors agree, so that nothing malformed reaches a model."""
+
+    def fail(message: str):
+        raise LibraryError(f"{source}: {message}")
+
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        fail(f"format version {version!r} is not supported (this Share Studio reads version {FORMAT_VERSION})")
+    try:
+        fingerprint = meta["base_model"]["fingerprint"]
+        share = meta["share"]
+        rank, max_rank = int(share["rank"]), int(share["max_basis_rank"])
+        targets = meta["target_modules"]
+        styles = meta["styles"]
+        int(meta["next_style_number"])
+        assert isinstance(meta["merges"], list) and isinstance(styles, list) and isinstance(fingerprint, str)
+        assert all(isinstance(t, str) for c in COMPONENTS for t in targets[c])
+        assert 0 < rank <= 1024 and 0 < max_rank <= 4096 and 0 < float(share["energy_threshold"]) <= 1
+    except (KeyError, TypeError, ValueError, AssertionError):
+        fail("library metadata is incomplete or malformed")
+    ids, names = set(), set()
+    for record in styles:
+        if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+            fail("a style record is malformed")
+        if not re.fullmatch(r"s[0-9]{1,9}", record["id"]) or record["id"] in ids:
+            fail(f"style id {record['id'][:40]!r} is invalid or repeated")
+        try:
+            name = check_style_name(record.get("name"))
+            check_trigger(record.get("trigger"))
+        except LibraryError as error:
+            fail(str(error))
+        if name in names:
+            fail(f"style name {name!r} appears twice")
+        ids.add(record["id"])
+        names.add(name)
+
+    layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS:
+            fail(f"unexpected tensor {key[:80]!r}")
+        if tensor.dtype != torch.float32:
+            fail(f"tensor {key[:80]!r} is {tensor.dtype}, expected float32")
+        if not torch.isfinite(tensor).all():
+            fail(f"tensor {key[:80]!r} holds NaN or infinite values")
+        if rest.endswith(TENSOR_FIELDS):
+            layer, _, field = rest.rpartition(".")
+            layers.setdefault((component, layer), {})[field] = tensor
+            continue
+        parts = rest.rsplit(".", 3)
+        if len(parts) != 4 or parts[1] != "styles" or parts[3] not in STYLE_FIELDS:
+            fail(f"unexpected tensor {key[:80]!r}")
+        layer, _, style_id, field = parts
+        if style_id not in ids:
+            fail(f"tensor {key[:80]!r} belongs to no style in the metadata")
+        layers.setdefault((component, layer), {})[f"{style_id}.{field}"] = tensor
+
+    for (component, layer), fields in layers.items():
+        where = f"layer {component}.{layer}"
+        basis_a, basis_b = fields.get("basis_a"), fields.get("basis_b")
+        if basis_a is None or basis_b is None or basis_a.dim() != 2 or basis_b.dim() != 2:
+            fail(f"{where} lacks a two-dimensional basis")
+        if basis_a.shape[1] > max_rank or basis_b.shape[1] > max_rank:
+            fail(f"{where} has a basis wider than the library's cap of {max_rank}")
+        for style_id in ids:
+            loadings_a = fields.get(f"{style_id}.loadings_a")
+            loadings_b = fields.get(f"{style_id}.loadings_b")
+            scale = fields.get(f"{style_id}.scale")
+            if loadings_a is None or loadings_b is None or scale is None:
+                fail(f"{where} lacks the tensors of style {style_id}")
+            if (
+                loadings_a.dim() != 2
+                or loadings_b.dim() != 2
+                or loadings_a.shape[0] != basis_a.shape[1]
+                or loadings_b.shape[0] != basis_b.shape[1]
+                or loadings_a.shape[1] != loadings_b.shape[1]
+                or scale.numel() != 1
+            ):
+                fail(f"{where}: the shapes of style {style_id} disagree with its basis")
+    if ids and not layers:
+        fail("the metadata lists styles but the file holds no tensors")
+
+
+def write_atomically(path: Path, data: bytes, keep_backup: bool) -> None:
+    """Write, fsync, then rename over `path`, so a crash at any moment leaves the old or the new file.
+
+    With keep_backup the current file first becomes `<file>.bak` (by a hard link or an atomic copy).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        _write_synced(temporary, data)
+        if keep_backup and path.exists():
+            backup = path.with_name(path.name + ".bak")
+            backup_temporary = path.with_name(f".{path.name}.{os.getpid()}.bak.tmp")
+            try:
+                os.link(path, backup_temporary)
+            except OSError:
+                _write_synced(backup_temporary, path.read_bytes())
+            os.replace(backup_temporary, backup)
+        os.replace(temporary, path)
+        _sync_directory(path.parent)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            temporary.unlink()
+        raise
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with open(path, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+
+
+def _sync_directory(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class LibraryLock:
+    """`<file>.lock`, created exclusively, so that two processes never write one library at once.
+
+    A lock left by a process that no longer runs is taken over.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path).with_name(Path(path).name + ".lock")
+        self.held = False
+
+    def __enter__(self) -> LibraryLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None and owner != os.getpid() and _process_alive(owner):
+                    raise LibraryLockedError(
+                        f"{self.path.with_suffix('')} is being changed by another Share Studio process "
+                        f"(pid {owner}); wait for it to finish"
+                    ) from None
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
+                continue
+            with os.fdopen(fd, "w") as file:
+                file.write(str(os.getpid()))
+            self.held = True
+            return self
+        raise LibraryLockedError(f"could not take the lock {self.path}")
+
+    def __exit__(self, *exc) -> None:
+        if self.held:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+            self.held = False
+
+    def _owner(self) -> int | None:
+        try:
+            return int(self.path.read_text().strip() or "0") or None
+        except (OSError, ValueError):
+            return None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def lora_file_bytes(state: dict[str, torch.Tensor], rank: int = 16, bytes_per_number: int = 2) -> int:
+    """What one plain rank-`rank` LoRA over the same layers would take (fp16, the common format)."""
+    numbers = sum(rank * (v.shape[0]) for k, v in state.items() if k.endswith((".basis_a", ".basis_b")))
+    return numbers * bytes_per_number

@@ -1,0 +1,365 @@
+"""A pipeline with a style library attached: what the CLI and the app both drive.
+
+`Studio` owns the pipeline's Share layers and the library file. Every change to the library
+(train, import, remove, rename, undo) runs as one transaction: take the file lock, reload the file
+if another process changed it, change, save atomically. If anything fails, or a training is
+cancelled, the model and the file are exactly as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from . import share
+from .images import load_training_images
+from .library import (
+    LibraryError,
+    LibraryLock,
+    StyleLibrary,
+    check_style_name,
+    check_trigger,
+    default_trigger,
+    lora_file_bytes,
+    new_metadata,
+    utc_now,
+    write_atomically,
+)
+from .lora_interop import export_lora, read_lora, save_lora
+from .models import generate_images, model_fingerprint
+from .training import TrainingConfig, TrainingProgress, train_style, training_unet, with_trigger
+
+DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
+CLASH_POLICIES = ("rename", "replace", "skip", "error")
+
+
+@dataclass
+class TrainResult:
+    name: str
+    errors_before: dict[str, float]  # earlier styles' reconstruction error before this merge
+    errors_after: dict[str, float]  # ... and after it
+    rejected: list = field(default_factory=list)  # images that could not be used, with reasons
+
+
+class Studio:
+    def __init__(self, pipe: StableDiffusionPipeline, library_path: str | os.PathLike = DEFAULT_LIBRARY,
+                 model_id: str = "embedded", config: share.ShareConfig | None = None):
+        self.pipe = pipe
+        self.path = Path(library_path)
+        self.model_id = model_id
+        self.fingerprint = model_fingerprint(pipe)
+        self._operation = threading.Lock()  # one library change at a time in this process
+        self._merge_lock = threading.Lock()  # guards the pipeline's Share layers
+        self._file_version = None
+        if self.path.exists():
+            self.library = StyleLibrary.load(self.path)
+            self._check_base_model(self.library)
+            self._file_version = self._current_file_version()
+        else:
+            self.library = StyleLibrary(new_metadata(model_id, self.fingerprint, config or share.ShareConfig()), {})
+        self._attach()
+
+    # --- the model side -------------------------------------------------------------------
+
+    def _check_base_model(self, library: StyleLibrary, source: str | None = None) -> None:
+        expected = library.meta["base_model"]
+        if expected["fingerprint"] != self.fingerprint:
+            raise LibraryError(
+                f"{source or self.path}: made for base model {expected['id']!r} "
+                f"(fingerprint {expected['fingerprint']}), but the loaded model {self.model_id!r} has "
+                f"fingerprint {self.fingerprint}; start Share Studio with --model {expected['id']}"
+            )
+
+    def _attach(self) -> None:
+        """Put the library's Share state into the pipeline's UNet (injecting layers the first time)."""
+        unet = self.pipe.unet
+        if not share.share_layers(unet):
+            share.inject_share_layers(unet, self.library.share_config())
+        state = self.library.component_state("unet")
+        layers = share.share_layers(unet)
+        if state:
+            try:
+                share.load_share_state_dict(unet, state)
+            except (KeyError, RuntimeError) as error:
+                raise LibraryError(f"{self.path}: does not fit this model's layers ({error})") from None
+            for name, layer in layers.items():
+                if layer.basis_a.shape[0] != layer.base_layer.in_features or layer.basis_b.shape[0] != layer.base_layer.out_features:
+                    raise LibraryError(f"{self.path}: layer {name} has the wrong width for this model")
+        else:
+            for layer in layers.values():
+                layer.load_state(
+                    layer.basis_b.new_zeros(layer.base_layer.out_features, 0),
+                    layer.basis_a.new_zeros(layer.base_layer.in_features, 0),
+                    {},
+                )
+        share.set_active_styles(unet, None)
+
+    def _current_file_version(self):
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
+            return None
+        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+    # --- reading --------------------------------------------------------------------------
+
+    @property
+    def styles(self) -> list[dict]:
+        return self.library.styles
+
+    def style_names(self) -> list[str]:
+        return [s["name"] for s in self.library.styles]
+
+    def info(self) -> dict:
+        count = len(self.library.styles)
+        one_lora = lora_file_bytes(self.library.state) if self.library.state else 0
+        return {
+            "path": str(self.path),
+            "base_model": self.library.meta["base_model"]["id"],
+            "fingerprint": self.library.meta["base_model"]["fingerprint"],
+            "styles": count,
+            "basis_rank": self.library.basis_rank(),
+            "bytes_on_disk": self.path.stat().st_size if self.path.exists() else 0,
+            "separate_lora_bytes": one_lora * count,
+            "library_hash": self.library_hash(),
+        }
+
+    def library_hash(self) -> str:
+        if not self.path.exists():
+            return "empty"
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+
+    def generate(self, prompt: str, style: str | None = None, strength: float = 1.0,
+                 mix: dict[str, float] | None = None, add_trigger: bool = True, **options) -> tuple[list, dict]:
+        """Images for a prompt with a style (or a mix {name: weight}); returns (images, metadata)."""
+        weights = dict(mix or {})
+        if style:
+            weights[style] = strength
+        records = {name: self.library.style(name) for name in weights}
+        if add_trigger:
+            for record in records.values():
+                prompt = with_trigger(prompt, record["trigger"])
+        with self._merge_lock:  # training runs on its own UNet copy: only its merge step blocks this
+            share.set_active_styles(self.pipe.unet, {records[n]["id"]: w for n, w in weights.items()})
+            try:
+                images = generate_images(self.pipe, prompt, **options)
+            finally:
+                share.set_active_styles(self.pipe.unet, None)
+        metadata = {"prompt": prompt, "styles": weights, "library": self.path.name, "library_hash": self.library_hash()}
+        return images, metadata
+
+    # --- changing the library -------------------------------------------------------------
+
+    def _transaction(self, change: Callable[[], object]):
+        with self._operation, LibraryLock(self.path):
+            if self._current_file_version() != self._file_version:
+                self._reload()
+            meta, state = copy.deepcopy(self.library.meta), dict(self.library.state)
+            try:
+                result = change()
+                self.library.save(self.path)
+            except BaseException:
+                self.library = StyleLibrary(meta, state)
+                with self._merge_lock:
+                    self._attach()
+                raise
+            self._file_version = self._current_file_version()
+            return result
+
+    def _reload(self) -> None:
+        if self.path.exists():
+            library = StyleLibrary.load(self.path)
+            self._check_base_model(library)
+        else:
+            library = StyleLibrary(new_metadata(self.model_id, self.fingerprint, self.library.share_config()), {})
+        self.library = library
+        with self._merge_lock:
+            self._attach()
+
+    def _record_merge(self, action: str, style_id: str, layer_errors: dict[str, dict[str, float]]) -> tuple[dict, dict]:
+        """Store each style's error from this merge; returns (errors before, errors after) by name."""
+        merge_number = len(self.library.meta["merges"]) + 1
+        before, after = {}, {}
+        for record in self.library.styles:
+            errors = [e[record["id"]] for e in layer_errors.values() if record["id"] in e]
+            if not errors:
+                continue
+            step = max(errors)
+            previous = record["error"]
+            # Each merge is an orthogonal projection; the triangle inequality bounds the total drift.
+            total = previous + step * (1 + previous)
+            record["error"] = total
+            record["error_history"].append({"merge": merge_number, "step_error": step, "mean_step_error": sum(errors) / len(errors), "error": total})
+            if record["id"] != style_id:
+                before[record["name"]], after[record["name"]] = previous, total
+        self.library.meta["merges"].append(
+            {"number": merge_number, "action": action, "style": style_id, "at": utc_now(), "basis_rank": self._basis_rank()}
+        )
+        return before, after
+
+    def _basis_rank(self) -> int:
+        return max((layer.basis_a.shape[1] for layer in share.share_layers(self.pipe.unet).values()), default=0)
+
+    def _capture(self) -> None:
+        self.library.set_component_state("unet", share.share_state_dict(self.pipe.unet))
+
+    def _unique_name(self, name: str) -> str:
+        candidate, number = name, 2
+        while self.library.has_style(candidate):
+            candidate = f"{name} ({number})"
+            number += 1
+        return candidate
+
+    def _new_record(self, name: str, trigger: str, **details) -> dict:
+        return {"id": self.library.new_style_id(), "name": name, "trigger": trigger, "created_at": utc_now(),
+                "error": 0.0, "error_history": [], **details}
+
+    def train(self, images: list, name: str, trigger: str | None = None, config: TrainingConfig | None = None,
+              preset: str = "quick", progress: Callable[[TrainingProgress], None] | None = None,
+              preview: Callable[[int, list], None] | None = None, cancel: threading.Event | None = None) -> TrainResult:
+        """Learn a style from image files or folders and merge it into the library."""
+        name = check_style_name(name)
+        trigger = check_trigger(trigger) if trigger else default_trigger(name)
+        config = config or TrainingConfig()
+        resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        image_set = load_training_images(images, resolution)
+        image_set.require_some()
+
+        def change():
+            if self.library.has_style(name):
+                raise LibraryError(f"a style named {name!r} exists; pick another name or remove it first")
+            record = self._new_record(
+                name, trigger, images=len(image_set.images), steps=config.steps, preset=preset,
+                sample_prompt=with_trigger("", trigger), training={"learning_rate": config.learning_rate,
+                                                                   "rank": config.rank, "phi": config.phi,
+                                                                   "batch_size": config.batch_size, "seed": config.seed},
+            )
+            with self._merge_lock:
+                unet = training_unet(self.pipe)
+            trained = train_style(self.pipe, unet, image_set, record["id"], trigger, config,
+                                  progress=progress, preview=preview, cancel=cancel)
+            layer_errors = share.finish_style_training(trained)
+            self.library.styles.append(record)
+            with self._merge_lock:
+                share.load_share_state_dict(self.pipe.unet, share.share_state_dict(trained))
+                share.set_active_styles(self.pipe.unet, None)
+            before, after = self._record_merge("train", record["id"], layer_errors)
+            self._capture()
+            return TrainResult(name, before, after, image_set.rejected)
+
+        return self._transaction(change)
+
+    def import_files(self, paths: list, on_clash: str = "rename") -> list[str]:
+        """Merge style libraries and standard LoRA files into this library; returns the new names."""
+        if on_clash not in CLASH_POLICIES:
+            raise ValueError(f"on_clash must be one of {CLASH_POLICIES}")
+        incoming = []
+        for path in map(Path, paths):
+            if path.suffix != ".safetensors":
+                raise LibraryError(f"{path.name}: only .safetensors files are imported (pickle files are never opened)")
+            try:
+                other = StyleLibrary.load(path)
+            except LibraryError as error:
+                if "not a Share Studio style library" not in str(error):
+                    raise
+                factors, _, info = read_lora(path, self.pipe.unet)
+                incoming.append((path.stem, default_trigger(path.stem), factors, {"source": f"LoRA {path.name}", **info}))
+                continue
+            self._check_base_model(other, source=str(path))
+            for record in other.styles:
+                factors = library_style_factors(other, record["id"], "unet")
+                incoming.append((record["name"], record["trigger"], factors, {"source": f"library {path.name}"}))
+
+        def change():
+            added = []
+            for name, trigger, factors, details in incoming:
+                if self.library.has_style(name):
+                    if on_clash == "error":
+                        raise LibraryError(f"a style named {name!r} is already in the library")
+                    if on_clash == "skip":
+                        continue
+                    if on_clash == "replace":
+                        self._remove(name)
+                    else:
+                        name = self._unique_name(name)
+                record = self._new_record(name, trigger, imported=details.get("source"), sample_prompt=with_trigger("", trigger))
+                with self._merge_lock:
+                    layer_errors = share.add_style(self.pipe.unet, record["id"], factors)
+                    share.set_active_styles(self.pipe.unet, None)
+                self.library.styles.append(record)
+                self._record_merge("import", record["id"], layer_errors)
+                added.append(name)
+            self._capture()
+            return added
+
+        return self._transaction(change)
+
+    def _remove(self, name: str) -> None:
+        record = self.library.style(name)
+        with self._merge_lock:
+            share.remove_style(self.pipe.unet, record["id"])
+        self.library.styles.remove(record)
+        self.library.meta["merges"].append({"number": len(self.library.meta["merges"]) + 1, "action": "remove",
+                                            "style": record["id"], "at": utc_now(), "basis_rank": self._basis_rank()})
+        self._capture()
+
+    def remove(self, name: str) -> None:
+        self._transaction(lambda: self._remove(name))
+
+    def rename(self, name: str, new_name: str) -> None:
+        new_name = check_style_name(new_name)
+
+        def change():
+            record = self.library.style(name)
+            if new_name != name and self.library.has_style(new_name):
+                raise LibraryError(f"a style named {new_name!r} already exists")
+            record["name"] = new_name
+
+        self._transaction(change)
+
+    def undo_last_change(self) -> None:
+        """Restore `<library>.bak`, the version before the last change (one level of undo)."""
+        backup = self.path.with_name(self.path.name + ".bak")
+        with self._operation, LibraryLock(self.path):
+            if not backup.exists():
+                raise LibraryError("there is nothing to undo")
+            library = StyleLibrary.load(backup)
+            self._check_base_model(library, source=str(backup))
+            data = backup.read_bytes()
+            write_atomically(self.path, data, keep_backup=False)
+            backup.unlink()
+            self.library = library
+            with self._merge_lock:
+                self._attach()
+            self._file_version = self._current_file_version()
+
+    def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
+        record = self.library.style(name)
+        factors = library_style_factors(self.library, record["id"], "unet")
+        out = Path(out)
+        save_lora(out, export_lora(factors, format=format), metadata={"style": name, "trigger": record["trigger"],
+                                                                       "base_model": self.library.meta["base_model"]["id"]})
+        return out
+
+
+def library_style_factors(library: StyleLibrary, style_id: str, component: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """layer -> (B, A) with ΔW = B Aᵀ for one style of a library file, scale folded into B."""
+    state = library.component_state(component)
+    factors = {}
+    for key in state:
+        if not key.endswith(".basis_a"):
+            continue
+        layer = key[: -len(".basis_a")]
+        prefix = f"{layer}.styles.{style_id}."
+        scale = float(state[prefix + "scale"])
+        factors[layer] = (scale * state[f"{layer}.basis_b"] @ state[prefix + "loadings_b"],
+                          state[f"{layer}.basis_a"] @ state[prefix + "loadings_a"])
+    return factors

@@ -1,0 +1,219 @@
+"""Learning one new style from a few images: the "train" step of Share.
+
+Only the new style's loadings and its temporary basis directions are trained (see
+`share.begin_style_training`), with the usual latent-diffusion loss: predict the noise (or v, when
+the scheduler says so) added to the images' latents. The loop runs on its own copy of the UNet that
+shares the frozen base weights, so the pipeline keeps generating with the library's styles while a
+style trains; the caller merges the trained copy back.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from .images import ImageSet
+from .models import ShareStudioError
+from .share import begin_style_training, share_layers
+
+
+class TrainingCancelled(ShareStudioError):
+    pass
+
+
+class TrainingFailed(ShareStudioError):
+    pass
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = 300
+    learning_rate: float = 2e-3
+    rank: int = 4
+    phi: int = 8
+    batch_size: int = 8
+    caption_dropout: float = 0.1  # how often the caption is the bare trigger
+    seed: int = 0
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    use_8bit_adam: bool = False
+    preview_every: int = 0  # steps between preview images; 0 = none
+
+
+# Steps, learning rate, rank and φ of each preset. "quick" learns a procedural style on the embedded
+# model in a few CPU minutes; on SD1.5 it is a short first pass, "quality" the one to keep.
+PRESETS = {
+    "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, phi=8, batch_size=8),
+    "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, phi=16, batch_size=8),
+}
+
+
+def training_config(preset: str = "quick", **overrides) -> TrainingConfig:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+
+
+@dataclass
+class TrainingProgress:
+    step: int
+    total_steps: int
+    loss: float
+    elapsed: float
+
+    @property
+    def eta(self) -> float:
+        return self.elapsed / max(self.step, 1) * (self.total_steps - self.step)
+
+    def describe(self) -> str:
+        return f"step {self.step}/{self.total_steps} · loss {self.loss:.4f} · ETA {format_seconds(self.eta)}"
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def with_trigger(prompt: str, trigger: str) -> str:
+    """The prompt a style was trained with: the caption, then the trigger."""
+    prompt = prompt.strip()
+    if trigger in prompt.split():
+        return prompt
+    return f"{prompt}, in {trigger} style" if prompt else f"an image in {trigger} style"
+
+
+def training_captions(images: ImageSet, trigger: str) -> list[str]:
+    return [with_trigger(image.caption or "", trigger) for image in images.images]
+
+
+def mixed_precision_for(device: torch.device, requested: str) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
+        return "bf16"
+    return "no"
+
+
+def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
+    """A copy of the UNet for training that shares (does not copy) the frozen base weights."""
+    shared = {id(p): p for p in pipe.unet.parameters()}
+    return copy.deepcopy(pipe.unet, memo=shared)
+
+
+@torch.no_grad()
+def encode_images(pipe: StableDiffusionPipeline, images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent posterior mean and std of every image (and of its mirror image: a free augmentation)."""
+    pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in images.images])
+    pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
+    posterior = pipe.vae.encode(pixels).latent_dist
+    return posterior.mean.float(), posterior.std.float()
+
+
+def train_style(
+    pipe: StableDiffusionPipeline,
+    unet: torch.nn.Module,
+    images: ImageSet,
+    style_id: str,
+    trigger: str,
+    config: TrainingConfig,
+    progress: Callable[[TrainingProgress], None] | None = None,
+    preview: Callable[[int, list], None] | None = None,
+    preview_prompt: str | None = None,
+    cancel: threading.Event | None = None,
+) -> torch.nn.Module:
+    """Train a new style on `unet`, a `training_unet(pipe)` copy, and return it for `finish_style_training`.
+
+    The pipeline itself is never changed. Raises TrainingCancelled when `cancel` is set, and
+    TrainingFailed when the loss stops being finite.
+    """
+    if not share_layers(unet):
+        raise TrainingFailed("the UNet has no Share layers; open a style library first")
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_for(pipe.device, config.mixed_precision), cpu=pipe.device.type == "cpu"
+    )
+    generator = torch.Generator().manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    for layer in share_layers(unet).values():
+        layer.config = replace(layer.config, rank=config.rank, phi=config.phi)
+    parameters = begin_style_training(unet, style_id, generator)
+    if config.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    optimizer = make_optimizer(parameters, config)
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+
+    means, stds = encode_images(pipe, images)
+    captions = training_captions(images, trigger)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    prediction_type = noise_scheduler.config.prediction_type
+    scaling = pipe.vae.config.scaling_factor
+    device = accelerator.device
+
+    start = time.time()
+    for step in range(1, config.steps + 1):
+        if cancel is not None and cancel.is_set():
+            raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged")
+        index = rng.integers(0, len(captions), size=config.batch_size)
+        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling
+        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5)
+        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents).to(device)
+        texts = [trigger if rng.random() < config.caption_dropout else captions[i] for i in index]
+        with torch.no_grad():
+            ids = pipe.tokenizer(
+                texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids.to(pipe.text_encoder.device)
+            context = pipe.text_encoder(ids)[0].to(device)
+        noise = torch.randn(latents.shape, generator=generator).to(device)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
+        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+        with accelerator.autocast():
+            prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
+        loss = F.mse_loss(prediction.float(), target.float())
+        if not torch.isfinite(loss):
+            raise TrainingFailed(
+                f"the loss became {loss.item()} at step {step}; lower the learning rate "
+                f"(it was {config.learning_rate:g}). The library is unchanged"
+            )
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(parameters, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if progress is not None:
+            progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start))
+        if preview is not None and config.preview_every and step % config.preview_every == 0:
+            preview(step, preview_images(pipe, accelerator.unwrap_model(unet), preview_prompt or with_trigger("", trigger)))
+    unet = accelerator.unwrap_model(unet)
+    unet.eval()
+    if config.gradient_checkpointing:
+        unet.disable_gradient_checkpointing()
+    return unet
+
+
+def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+    if config.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingFailed("8-bit Adam needs bitsandbytes: pip install -r requirements-gpu.txt") from None
+        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate)
+    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
+
+
+@torch.no_grad()
+def preview_images(pipe: StableDiffusionPipeline, unet: torch.nn.Module, prompt: str, seed: int = 0) -> list:
+    preview_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    preview_pipe.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(seed)
+    return preview_pipe(prompt, num_inference_steps=15, guidance_scale=4.0, generator=generator).images
