@@ -128,21 +128,25 @@ def principal_directions(coordinates: Tensor, max_rank: int, energy_threshold: f
     return u[:, :k]
 
 
+def squared_norm_of_product(x: Tensor, y: Tensor) -> Tensor:
+    """‖X Yᵀ‖²_F = Σ (XᵀX) ∘ (YᵀY), from r×r Gram matrices; batched over leading dimensions."""
+    return ((x.mT @ x) * (y.mT @ y)).sum(dim=(-2, -1))
+
+
 def reproject(
     directions_b: Tensor, directions_a: Tensor, coordinates_b: Tensor, coordinates_a: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Least-squares loadings of every style on the new basis, and each style's relative error.
 
     With C = Q·directions and B̃ = Q·coordinates, L_B = C_Bᵀ B̃ = directionsᵀ·coordinates;
-    C_B L_B L_Aᵀ C_Aᵀ is then the Frobenius projection of ΔW onto {C_B K C_Aᵀ}.
-    Errors ‖ΔW_s − ΔŴ_s‖_F / ‖ΔW_s‖_F are computed in the small Q coordinates.
+    ΔŴ = C_B L_B L_Aᵀ C_Aᵀ is then the Frobenius projection of ΔW onto {C_B K C_Aᵀ}, so
+    ‖ΔW − ΔŴ‖² = ‖ΔW‖² − ‖L_B L_Aᵀ‖² (float64: resolves relative errors down to ~1e-8).
     """
     loadings_b = directions_b.mT @ coordinates_b
     loadings_a = directions_a.mT @ coordinates_a
-    delta = coordinates_b @ coordinates_a.mT
-    kept = directions_b @ (loadings_b @ loadings_a.mT) @ directions_a.mT
-    delta_norm = torch.linalg.matrix_norm(delta)
-    errors = torch.linalg.matrix_norm(delta - kept) / delta_norm.clamp_min(torch.finfo(delta.dtype).tiny)
+    delta = squared_norm_of_product(coordinates_b, coordinates_a)
+    kept = squared_norm_of_product(loadings_b, loadings_a)
+    errors = ((delta - kept).clamp_min(0) / delta.clamp_min(torch.finfo(delta.dtype).tiny)).sqrt()
     return loadings_b, loadings_a, errors
 
 
@@ -191,17 +195,10 @@ def merge_style(
 
 
 def relative_error(factors_b: Tensor, factors_a: Tensor, approx_b: Tensor, approx_a: Tensor) -> float:
-    """‖B Aᵀ − B̂ Âᵀ‖_F / ‖B Aᵀ‖_F without forming either d_out×d_in product.
-
-    Uses ‖X Yᵀ‖²_F = Σ (XᵀX) ∘ (YᵀY); float64, so it resolves errors down to ~1e-8.
-    """
-
-    def squared_norm(x: Tensor, y: Tensor) -> Tensor:
-        x, y = x.to(torch.float64), y.to(torch.float64)
-        return ((x.mT @ x) * (y.mT @ y)).sum()
-
-    residual = squared_norm(torch.cat([factors_b, -approx_b], 1), torch.cat([factors_a, approx_a], 1))
-    reference = squared_norm(factors_b, factors_a)
+    """‖B Aᵀ − B̂ Âᵀ‖_F / ‖B Aᵀ‖_F without forming either d_out×d_in product (float64, ~1e-8)."""
+    factors_b, factors_a, approx_b, approx_a = (t.to(torch.float64) for t in (factors_b, factors_a, approx_b, approx_a))
+    residual = squared_norm_of_product(torch.cat([factors_b, -approx_b], 1), torch.cat([factors_a, approx_a], 1))
+    reference = squared_norm_of_product(factors_b, factors_a)
     return float((residual.clamp_min(0) / reference).sqrt()) if reference > 0 else 0.0
 
 
