@@ -209,7 +209,7 @@ def main() -> None:
         [
             f"`{command}`",
             f"Share merge (`share_diffusion.share.merge_style`) vs the published eig merge "
-            f"(`benchmarks/eig_baseline.py`), CPU, torch {environment['torch']}, {environment['threads']} threads. "
+            f"(`benchmarks/eig_baseline.py`), CPU, torch {environment['torch']}, threads: {environment['threads']}. "
             f"One layer per distinct SD1.5 attention shape ({len(shapes)} shapes); times are summed over them "
             f"(best of {repeats_ours} for ours, {repeats_eig} for eig). Styles: rank {STYLE_RANK}, near a shared "
             f"{SHARED_DIM}-dim subspace + {NOISE:.0%} noise; cap k ≤ {config.max_basis_rank}; the eig merge gets "
