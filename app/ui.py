@@ -71,10 +71,13 @@ def _generate_tab(pipe, output_dir: Path) -> None:
         with gr.Column(scale=2):
             prompt = gr.Textbox(label="Prompt", lines=2, placeholder="a lighthouse on a cliff at dusk")
             negative = gr.Textbox(label="Negative prompt", lines=1)
+            generate = gr.Button("Generate", variant="primary")
+            with gr.Row(equal_height=True):
+                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1, min_width=120)
+                used_seed = gr.Number(label="Used seed", value=None, precision=0, interactive=False, min_width=120)
             with gr.Row():
-                seed = gr.Number(label="Seed (-1 = random)", value=-1, precision=0, minimum=-1)
-                random_seed = gr.Button("🎲 Random seed", size="sm")
-                used_seed = gr.Number(label="Used seed", precision=0, interactive=False)
+                random_seed = gr.Button("Random seed", size="sm", min_width=100)
+                reuse_seed = gr.Button("Reuse used seed", size="sm", min_width=100)
             steps = gr.Slider(1, 100, value=20, step=1, label="Steps")
             guidance = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG scale)")
             scheduler = gr.Dropdown(
@@ -83,7 +86,6 @@ def _generate_tab(pipe, output_dir: Path) -> None:
                 label="Scheduler",
             )
             num_images = gr.Slider(1, 8, value=1, step=1, label="Number of images")
-            generate = gr.Button("Generate", variant="primary")
         with gr.Column(scale=3):
             gallery = gr.Gallery(label="Images", columns=2, format="png", type="filepath")
 
@@ -109,6 +111,7 @@ def _generate_tab(pipe, output_dir: Path) -> None:
     generate.click(on_generate, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="generate", api_name="generate")
     prompt.submit(on_generate, inputs=inputs, outputs=outputs, concurrency_limit=1, concurrency_id="generate", api_visibility="private")
     random_seed.click(lambda: models.resolve_seed(None), outputs=seed, api_visibility="private")
+    reuse_seed.click(lambda used: -1 if used is None else used, inputs=used_seed, outputs=seed, api_visibility="private")
 
 
 def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str | Path | None = None) -> gr.Blocks:

@@ -477,8 +477,13 @@ def _load_single_file(path: Path, config: str | os.PathLike | None) -> StableDif
     try:
         return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
     except Exception as e:
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
         message = _first_line(e)
-        if config is None:
+        config_missing = any(
+            isinstance(c, LocalEntryNotFoundError) or _is_network_error(c) for c in _error_chain(e)
+        )
+        if config is None and config_missing:
             repo = _single_file_default_config(path)
             where = "offline, and it is not in the Hugging Face cache" if offline else "it could not be fetched"
             download = f"run `hf download {repo} --include '*.json' --include '*.txt'` once while online, or " if repo else ""
