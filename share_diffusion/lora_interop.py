@@ -1,0 +1,424 @@
+"""Standard LoRA files in and out of Share: kohya/A1111 and diffusers/PEFT formats.
+
+Share keeps a style as factors per layer, {layer name: (B d_out×r, A d_in×r)} with ΔW = B Aᵀ
+(share.export_style / share.add_style). A standard LoRA layer stores the same product as
+lora_up/lora_B = B (d_out×r) and lora_down/lora_A = Aᵀ (r×d_in), scaled by alpha/r.
+
+  export_lora(factors_unet, factors_text, format)  -> a LoRA state dict (alpha = r: scale 1)
+  save_lora(path, state, metadata)                  -> a .safetensors file
+  read_lora(source, unet, text_encoder)             -> factors (alpha/r folded into B) + info
+
+Key names come from diffusers' own converters, the ones pipe.load_lora_weights uses:
+  kohya:     convert_state_dict_to_kohya on export; lora_state_dict
+             (_convert_non_diffusers_lora_to_diffusers) then convert_unet_state_dict_to_peft /
+             convert_state_dict_to_peft on import.
+  diffusers: the PEFT layout `unet.<module>.lora_A.weight`, packed with pack_weights, exactly
+             what StableDiffusionPipeline.save_lora_weights writes.
+Only two spellings are ours: SD 1.x kohya files name the text encoder `lora_te_` (diffusers
+writes the SDXL-style `lora_te1_`; both load in diffusers, A1111 wants `lora_te_` for SD 1.x),
+and text-encoder layers are written under `text_model.` (transformers ≥ 5.6 flattened
+CLIPTextModel; files keep the classic names, and diffusers strips the prefix when loading).
+
+Pickle-based files are never opened. Everything a user can get wrong raises LoraFormatError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from . import share
+
+FORMATS = ("kohya", "diffusers")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+TEXT_MODEL_PREFIX = "text_model."
+# Per-layer tensors of LoRA variants that are not ΔW = B Aᵀ (DoRA rescales the whole weight).
+_DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
+_DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.", "_lora.up.", ".lora_linear_layer.")
+
+Factors = dict[str, tuple[Tensor, Tensor]]
+
+
+class LoraFormatError(ValueError):
+    """A file that is not a usable standard LoRA for this model (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------
+# Export
+# ---------------------------------------------------------------------------------------
+
+
+def _peft_layers(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int, up_scale: float, dtype, text: bool) -> dict:
+    """{module.lora_A.weight: Aᵀ, module.lora_B.weight: B}, every layer zero-padded to `rank`."""
+    state = {}
+    for name, (factor_b, factor_a) in factors.items():
+        if factor_b.shape[1] == 0:
+            continue
+        factor_b, factor_a = share.canonical_factors(factor_b.double(), factor_a.double())  # balanced: fp16-safe
+        factor_b, factor_a = share.pad_columns(factor_b, rank), share.pad_columns(factor_a, rank)
+        if text and not name.startswith(TEXT_MODEL_PREFIX):
+            name = TEXT_MODEL_PREFIX + name
+        state[f"{name}.lora_A.weight"] = factor_a.mT.to(dtype).contiguous()
+        state[f"{name}.lora_B.weight"] = (factor_b * up_scale).to(dtype).contiguous()
+    return state
+
+
+def export_lora(
+    factors_unet: Mapping[str, tuple[Tensor, Tensor]],
+    factors_text: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    format: str = "kohya",
+    *,
+    rank: int | None = None,
+    alpha: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> dict[str, Tensor]:
+    """A standard LoRA state dict of one style from share.export_style factors (ΔW = B Aᵀ).
+
+    format "kohya" (A1111/ComfyUI: lora_unet_…/lora_te_… with lora_down, lora_up, alpha) or
+    "diffusers" (PEFT: unet.…/text_encoder.… with lora_A, lora_B). Every layer gets the same
+    rank (default: the largest; smaller layers are zero-padded, which leaves ΔW unchanged) and
+    the same alpha (default: alpha = rank, i.e. scale 1), so every loader applies one
+    alpha/rank and ΔW comes out exactly. Another alpha (kohya only: diffusers files carry none)
+    divides lora_up by alpha/rank.
+    Layers whose style has rank 0 (ΔW = 0) are left out.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
+    factors_text = factors_text or {}
+    widths = []
+    for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items()]:
+        if factor_b.dim() != 2 or factor_a.dim() != 2 or factor_b.shape[1] != factor_a.shape[1]:
+            raise ValueError(f"{name}: factors must be B (d_out×r) and A (d_in×r), got {tuple(factor_b.shape)}, {tuple(factor_a.shape)}")
+        widths.append(min(factor_b.shape[1], *factor_b.shape[:1], *factor_a.shape[:1]))  # canonical width
+    largest = max(widths, default=0)
+    if largest == 0:
+        raise ValueError("nothing to export: the style changes no layer")
+    rank = largest if rank is None else int(rank)
+    if rank < largest:
+        raise ValueError(f"rank {rank} is below the style's rank {largest} (export does not truncate)")
+    alpha = float(rank if alpha is None else alpha)
+    if not alpha > 0:
+        raise ValueError(f"alpha must be positive, not {alpha}")
+    if format == "diffusers" and alpha != rank:
+        raise ValueError("the diffusers format stores no alpha (loaders use alpha = rank); set alpha only for kohya")
+    up_scale = rank / alpha  # the loader multiplies by alpha / rank
+
+    pack = StableDiffusionPipeline.pack_weights
+    state = pack(_peft_layers(factors_unet, rank, up_scale, dtype, text=False), StableDiffusionPipeline.unet_name)
+    state |= pack(_peft_layers(factors_text, rank, up_scale, dtype, text=True), StableDiffusionPipeline.text_encoder_name)
+    if format == "diffusers":
+        return state
+    kohya = {}
+    for key, value in convert_state_dict_to_kohya(state).items():
+        if key.startswith("lora_te1_"):
+            key = "lora_te_" + key.removeprefix("lora_te1_")
+        if key.endswith(".alpha"):
+            value = torch.tensor(alpha, dtype=torch.float32)
+        kohya[key] = value
+    return kohya
+
+
+def _detect_format(keys: list[str]) -> str:
+    kohya = [k for k in keys if k.startswith(KOHYA_PREFIXES)]
+    diffusers = [k for k in keys if not k.startswith(KOHYA_PREFIXES) and any(m in k for m in _DIFFUSERS_MARKERS)]
+    if kohya and diffusers:
+        raise LoraFormatError(f"the file mixes kohya keys ({kohya[0]}) and diffusers keys ({diffusers[0]})")
+    if kohya:
+        return "kohya"
+    if diffusers:
+        return "diffusers"
+    shown = ", ".join(keys[:3]) or "no tensors at all"
+    raise LoraFormatError(f"no recognisable LoRA keys (kohya lora_unet_…/lora_te_… or diffusers …lora_A/lora_B); first keys: {shown}")
+
+
+def save_lora(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: Mapping[str, object] | None = None) -> Path:
+    """Write an export_lora state dict as .safetensors; metadata values that are not strings are
+    stored as JSON. Kohya files also get the ss_network_* keys A1111 and kohya tools show."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path.name}: a LoRA file is written as .safetensors")
+    header = {"format": "pt"}
+    if _detect_format(list(state)) == "kohya":
+        down = next(v for k, v in state.items() if k.endswith(".lora_down.weight"))
+        alpha = next((float(v) for k, v in state.items() if k.endswith(".alpha")), float(down.shape[0]))
+        header |= {"ss_network_module": "networks.lora", "ss_network_dim": str(down.shape[0]), "ss_network_alpha": f"{alpha:g}"}
+    for key, value in (metadata or {}).items():
+        header[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path), metadata=header)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Import
+# ---------------------------------------------------------------------------------------
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
+    from safetensors import SafetensorError
+    from safetensors.torch import safe_open
+
+    if path.is_dir():
+        raise LoraFormatError(f"{path}: a folder; give the LoRA's .safetensors file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no such LoRA file: {path}")
+    with open(path, "rb") as file:
+        head = file.read(8)
+    pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch zip archive or raw pickle
+    if path.suffix.lower() in PICKLE_SUFFIXES or pickled:
+        raise LoraFormatError(
+            f"{path.name}: a pickle-based file; it is never opened, since unpickling can run code. "
+            "Use the .safetensors version of this LoRA."
+        )
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as file:
+            metadata = dict(file.metadata() or {})
+            state = {key: file.get_tensor(key) for key in file.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise LoraFormatError(f"{path.name}: not a readable .safetensors file ({error})") from None
+    return state, metadata
+
+
+def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str]) -> dict[str, dict[str, Tensor]]:
+    """Kohya layers -> {component: PEFT keys}, each layer's alpha/r folded into lora_up."""
+    from diffusers import StableDiffusionPipeline
+
+    layers: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        name, _, part = key.partition(".")
+        layers.setdefault(name, {})[part] = value
+    plain = {}
+    for name, parts in layers.items():
+        if not name.startswith(KOHYA_PREFIXES):
+            skipped[name] = "not a LoRA layer"
+            continue
+        has_down, has_up = "lora_down.weight" in parts, "lora_up.weight" in parts
+        if has_down != has_up:
+            raise LoraFormatError(f"{name}: lora_down and lora_up must come in pairs")
+        if not has_down or set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}:
+            skipped[name] = f"not a plain LoRA layer ({', '.join(sorted(parts))})"
+            continue
+        down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if "alpha" in parts:  # kohya/A1111: ΔW = up·down·alpha/r, r = lora_down rows; no alpha: scale 1
+            up = up * (float(parts["alpha"]) / down.shape[0])
+        plain[f"{name}.lora_down.weight"], plain[f"{name}.lora_up.weight"] = down, up
+    if not plain:
+        return {}
+    converted, _ = StableDiffusionPipeline.lora_state_dict(plain, unet_config=unet_config)
+    return _split_components(converted, skipped)
+
+
+def _text_to_peft(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """What diffusers' text-encoder loader does: to the diffusers layout, then to PEFT."""
+    from diffusers.utils.state_dict_utils import StateDictType, convert_state_dict_to_diffusers, convert_state_dict_to_peft
+
+    if all(".lora_A." in k or ".lora_B." in k for k in state):
+        return state
+    try:
+        return convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
+    except ValueError:  # e.g. a kohya text LoRA without out_proj: the auto-detection needs one
+        return convert_state_dict_to_peft(state, original_type=StateDictType.DIFFUSERS_OLD)
+
+
+def _split_components(state: dict[str, Tensor], skipped: dict[str, str]) -> dict[str, dict[str, Tensor]]:
+    """Diffusers-layout keys -> {component: PEFT keys (module.lora_A.weight ...)}."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    parts: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        key = key.removeprefix("base_model.model.")  # PEFT's own save_pretrained
+        component, _, rest = key.partition(".")
+        if component not in COMPONENTS:  # no prefix: a bare UNet or CLIP PEFT state dict
+            component, rest = ("text_encoder" if key.startswith((TEXT_MODEL_PREFIX, "encoder.layers.")) else "unet"), key
+        parts.setdefault(component, {})[rest] = value
+    if "unet" in parts and not all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in parts["unet"]):
+        parts["unet"] = convert_unet_state_dict_to_peft(parts["unet"])
+    for component in ("text_encoder", "text_encoder_2"):
+        if component in parts:
+            alphas = {k: v for k, v in parts[component].items() if k.endswith(".alpha")}
+            rest = {k: v for k, v in parts[component].items() if k not in alphas}
+            parts[component] = (_text_to_peft(rest) if rest else {}) | alphas
+    return parts
+
+
+def _module_layers(component: str, state: dict[str, Tensor], skipped: dict[str, str]) -> dict[str, dict[str, Tensor]]:
+    """PEFT keys -> {module: {"down": r×d_in, "up": d_out×r, "alpha"?: scalar}}."""
+    modules: dict[str, dict[str, Tensor]] = {}
+    for key, value in state.items():
+        match = re.fullmatch(r"(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<leaf>weight|bias)|(?P<alpha>alpha))", key)
+        if match is None:
+            skipped[f"{component}.{key}"] = "not a LoRA tensor"
+            continue
+        if match["leaf"] == "bias":
+            raise LoraFormatError(f"{component}.{match['module']}: a LoRA with a bias (lora_bias) is not ΔW = B·A")
+        field = "alpha" if match["alpha"] else ("down" if match["ab"] == "A" else "up")
+        modules.setdefault(match["module"], {})[field] = value
+    for module, fields in modules.items():
+        if "down" not in fields or "up" not in fields:
+            raise LoraFormatError(f"{component}.{module}: lora_A/lora_B (down/up) must come in pairs")
+    return modules
+
+
+def _adapter_configs(metadata: Mapping[str, str]) -> dict[str, object]:
+    """diffusers' per-component LoraConfig saved in the file (save_lora_weights(..., *_adapter_metadata))."""
+    from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
+    from peft import LoraConfig
+
+    raw = metadata.get(LORA_ADAPTER_METADATA_KEY)
+    if not raw:
+        return {}
+    try:
+        packed = json.loads(raw)
+    except json.JSONDecodeError as error:
+        raise LoraFormatError(f"unreadable {LORA_ADAPTER_METADATA_KEY} metadata ({error})") from None
+    configs = {}
+    for component in COMPONENTS:
+        kwargs = {k.removeprefix(f"{component}."): v for k, v in packed.items() if k.startswith(f"{component}.")}
+        if kwargs:
+            try:
+                configs[component] = LoraConfig(**kwargs)
+            except (TypeError, ValueError) as error:
+                raise LoraFormatError(f"{component}: the file's LoRA config is not a LoraConfig ({error})") from None
+    return configs
+
+
+def _peft_scale(config, module: str) -> float:
+    """alpha/r of one module the way PEFT computes it (rank/alpha patterns, rsLoRA)."""
+    from peft.utils.other import get_pattern_key
+
+    r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), module), config.r)
+    alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), module), config.lora_alpha)
+    return alpha / math.sqrt(r) if config.use_rslora else alpha / r
+
+
+def _targets(model: nn.Module, default_targets: tuple[str, ...]) -> tuple[dict[str, nn.Linear], tuple[str, ...]]:
+    """name -> base nn.Linear of every Share layer (or, without Share layers, of the default targets)."""
+    layers = share.share_layers(model)
+    if layers:
+        targets = tuple(next(iter(layers.values())).config.target_modules)
+        return {name: layer.base_layer for name, layer in layers.items()}, targets
+    linears = {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in default_targets)
+    }
+    return linears, default_targets
+
+
+def _as_matrix(tensor: Tensor, what: str, where: str) -> Tensor:
+    if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):  # a 1×1 conv LoRA on a linear layer
+        tensor = tensor.flatten(1)
+    if tensor.dim() != 2:
+        raise LoraFormatError(f"{where}: {what} has shape {tuple(tensor.shape)}, expected a matrix")
+    return tensor
+
+
+def read_lora(
+    source: str | os.PathLike | Mapping[str, Tensor],
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+) -> tuple[Factors, Factors, dict]:
+    """Import a standard LoRA (.safetensors file or state dict, kohya or diffusers/PEFT format).
+
+    Returns (factors_unet, factors_text, info): {Share layer name: (B d_out×r, A d_in×r)} with
+    ΔW = B Aᵀ and the LoRA's alpha/r (from .alpha keys or diffusers' LoraConfig metadata)
+    folded into B, ready for share.add_style. Shapes are checked against the layers of `unet`
+    and `text_encoder` (their Share layers; without any, the default Share targets).
+    info: format, layers (imported), rank (largest), skipped ({LoRA layer: why} for layers
+    Share does not target, e.g. conv/ff; text-encoder layers when text_encoder is None),
+    skipped_count, metadata (the file's). Raises LoraFormatError for pickle or unreadable
+    files, files without LoRA keys, DoRA, and LoRA layers that do not fit the model.
+    """
+    if isinstance(source, Mapping):
+        state, metadata, label = dict(source), {}, "state dict"
+    else:
+        path = Path(source)
+        state, metadata = _read_safetensors(path)
+        label = path.name
+    try:
+        return _read(state, metadata, unet, text_encoder)
+    except LoraFormatError as error:
+        raise LoraFormatError(f"{label}: {error}") from None
+
+
+def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, text_encoder: nn.Module | None):
+    keys = list(state)
+    if any(marker in key for key in keys for marker in _DORA_MARKERS):
+        raise LoraFormatError("a DoRA LoRA (dora_scale / lora_magnitude_vector): its ΔW depends on the base weight, so Share cannot import it")
+    format = _detect_format(keys)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    skipped: dict[str, str] = {}
+    if format == "kohya":
+        components, configs = _kohya_to_peft(state, getattr(unet, "config", None), skipped), {}
+    else:
+        configs = _adapter_configs(metadata)
+        if any(getattr(c, "use_dora", False) for c in configs.values()):
+            raise LoraFormatError("a DoRA LoRA (use_dora): its ΔW depends on the base weight, so Share cannot import it")
+        components = _split_components(state, skipped)
+
+    models = {"unet": (unet, share.UNET_TARGET_MODULES), "text_encoder": (text_encoder, share.CLIP_TARGET_MODULES)}
+    result: dict[str, Factors] = {"unet": {}, "text_encoder": {}}
+    misfits, ranks = [], []
+    for component, peft_state in components.items():
+        modules = _module_layers(component, peft_state, skipped)
+        model, defaults = models.get(component, (None, ()))
+        if model is None:
+            why = "no text encoder given" if component == "text_encoder" else f"{component} is not part of a Stable Diffusion 1.x model"
+            skipped |= {f"{component}.{module}": why for module in modules}
+            continue
+        layers, target_suffixes = _targets(model, defaults)
+        by_name = {name.removeprefix(TEXT_MODEL_PREFIX): name for name in layers}
+        for module, fields in modules.items():
+            where = f"{component}.{module}"
+            name = by_name.get(module.removeprefix(TEXT_MODEL_PREFIX))
+            if name is None:
+                if any(module == t or module.endswith("." + t) for t in target_suffixes):
+                    misfits.append(f"{where} is not in this model")
+                else:
+                    skipped[where] = "not a Share layer"
+                continue
+            down = _as_matrix(fields["down"], "lora_down/lora_A", where)
+            up = _as_matrix(fields["up"], "lora_up/lora_B", where)
+            linear = layers[name]
+            expected = f"(r×{linear.in_features}) and ({linear.out_features}×r)"
+            if down.shape[0] != up.shape[1] or down.shape[1] != linear.in_features or up.shape[0] != linear.out_features:
+                misfits.append(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)}, the model needs {expected}")
+                continue
+            rank = down.shape[0]
+            if "alpha" in fields:
+                scale = float(fields["alpha"]) / rank
+            elif component in configs:
+                scale = _peft_scale(configs[component], name)
+            else:
+                scale = 1.0  # diffusers/PEFT convention without alpha: alpha = r
+            result[component][name] = ((up * scale).contiguous(), down.mT.contiguous())
+            ranks.append(rank)
+    if misfits:
+        more = f" (and {len(misfits) - 3} more)" if len(misfits) > 3 else ""
+        raise LoraFormatError(f"the LoRA does not fit this model, e.g. it was made for another base model: {'; '.join(misfits[:3])}{more}")
+    if not ranks:
+        reasons = sorted(set(skipped.values()))
+        raise LoraFormatError(f"none of its {len(skipped)} layers is a layer Share adapts ({'; '.join(reasons)})")
+    info = {
+        "format": format,
+        "layers": len(ranks),
+        "rank": max(ranks),
+        "skipped": dict(sorted(skipped.items())),
+        "skipped_count": len(skipped),
+        "metadata": metadata,
+    }
+    return result["unet"], result["text_encoder"], info
