@@ -43,6 +43,8 @@ COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_MODEL_PREFIX = "text_model."
 # Per-layer tensors of LoRA variants that are not ΔW = B Aᵀ (DoRA rescales the whole weight).
 _DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
+# module.lora_A.weight, module.lora_B.<adapter>.weight, module.lora_B.bias, module.alpha
+_PEFT_KEY = re.compile(r"(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<leaf>weight|bias)|(?P<alpha>alpha))")
 _DIFFUSERS_MARKERS = (".lora_A.", ".lora_B.", ".lora.down.", ".lora.up.", "_lora.down.", "_lora.up.", ".lora_linear_layer.")
 
 Factors = dict[str, tuple[Tensor, Tensor]]
@@ -100,8 +102,9 @@ def export_lora(
     widths = []
     for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items()]:
         if factor_b.dim() != 2 or factor_a.dim() != 2 or factor_b.shape[1] != factor_a.shape[1]:
-            raise ValueError(f"{name}: factors must be B (d_out×r) and A (d_in×r), got {tuple(factor_b.shape)}, {tuple(factor_a.shape)}")
-        widths.append(min(factor_b.shape[1], *factor_b.shape[:1], *factor_a.shape[:1]))  # canonical width
+            shapes = f"{tuple(factor_b.shape)}, {tuple(factor_a.shape)}"
+            raise ValueError(f"{name}: factors must be B (d_out×r) and A (d_in×r), got {shapes}")
+        widths.append(min(factor_b.shape[1], factor_b.shape[0], factor_a.shape[0]))  # canonical width
     largest = max(widths, default=0)
     if largest == 0:
         raise ValueError("nothing to export: the style changes no layer")
@@ -140,7 +143,9 @@ def _detect_format(keys: list[str]) -> str:
     if diffusers:
         return "diffusers"
     shown = ", ".join(keys[:3]) or "no tensors at all"
-    raise LoraFormatError(f"no recognisable LoRA keys (kohya lora_unet_…/lora_te_… or diffusers …lora_A/lora_B); first keys: {shown}")
+    raise LoraFormatError(
+        f"no recognisable LoRA keys (kohya lora_unet_…/lora_te_… or diffusers …lora_A/lora_B); first keys: {shown}"
+    )
 
 
 def save_lora(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: Mapping[str, object] | None = None) -> Path:
@@ -155,7 +160,8 @@ def save_lora(path: str | os.PathLike, state: Mapping[str, Tensor], metadata: Ma
     if _detect_format(list(state)) == "kohya":
         down = next(v for k, v in state.items() if k.endswith(".lora_down.weight"))
         alpha = next((float(v) for k, v in state.items() if k.endswith(".alpha")), float(down.shape[0]))
-        header |= {"ss_network_module": "networks.lora", "ss_network_dim": str(down.shape[0]), "ss_network_alpha": f"{alpha:g}"}
+        header |= {"ss_network_module": "networks.lora", "ss_network_dim": str(down.shape[0])}
+        header["ss_network_alpha"] = f"{alpha:g}"
     for key, value in (metadata or {}).items():
         header[str(key)] = value if isinstance(value, str) else json.dumps(value, default=str)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,8 +183,10 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if not path.is_file():
         raise FileNotFoundError(f"no such LoRA file: {path}")
     with open(path, "rb") as file:
-        head = file.read(8)
-    pickled = head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"  # torch zip archive or raw pickle
+        head = file.read(9)
+    # safetensors: an 8-byte header length, then the JSON header; torch.save: a zip archive or a raw pickle
+    looks_safetensors = head[8:9] == b"{"
+    pickled = not looks_safetensors and (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80")
     if path.suffix.lower() in PICKLE_SUFFIXES or pickled:
         raise LoraFormatError(
             f"{path.name}: a pickle-based file; it is never opened, since unpickling can run code. "
@@ -218,7 +226,10 @@ def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str
         plain[f"{name}.lora_down.weight"], plain[f"{name}.lora_up.weight"] = down, up
     if not plain:
         return {}
-    converted, _ = StableDiffusionPipeline.lora_state_dict(plain, unet_config=unet_config)
+    try:
+        converted, _ = StableDiffusionPipeline.lora_state_dict(plain, unet_config=unet_config)
+    except (ValueError, KeyError) as error:
+        raise LoraFormatError(f"diffusers cannot map its kohya layer names ({error})") from None
     return _split_components(converted, skipped)
 
 
@@ -259,7 +270,7 @@ def _module_layers(component: str, state: dict[str, Tensor], skipped: dict[str, 
     """PEFT keys -> {module: {"down": r×d_in, "up": d_out×r, "alpha"?: scalar}}."""
     modules: dict[str, dict[str, Tensor]] = {}
     for key, value in state.items():
-        match = re.fullmatch(r"(?P<module>.+)\.(?:lora_(?P<ab>[AB])(?:\.[^.]+)?\.(?P<leaf>weight|bias)|(?P<alpha>alpha))", key)
+        match = _PEFT_KEY.fullmatch(key)
         if match is None:
             skipped[f"{component}.{key}"] = "not a LoRA tensor"
             continue
@@ -358,7 +369,9 @@ def read_lora(
 def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, text_encoder: nn.Module | None):
     keys = list(state)
     if any(marker in key for key in keys for marker in _DORA_MARKERS):
-        raise LoraFormatError("a DoRA LoRA (dora_scale / lora_magnitude_vector): its ΔW depends on the base weight, so Share cannot import it")
+        raise LoraFormatError(
+            "a DoRA LoRA (dora_scale / lora_magnitude_vector): its ΔW depends on the base weight, so Share cannot import it"
+        )
     format = _detect_format(keys)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     skipped: dict[str, str] = {}
@@ -377,7 +390,9 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
         modules = _module_layers(component, peft_state, skipped)
         model, defaults = models.get(component, (None, ()))
         if model is None:
-            why = "no text encoder given" if component == "text_encoder" else f"{component} is not part of a Stable Diffusion 1.x model"
+            why = "no text encoder given"
+            if component != "text_encoder":
+                why = f"{component} is not part of a Stable Diffusion 1.x model"
             skipped |= {f"{component}.{module}": why for module in modules}
             continue
         layers, target_suffixes = _targets(model, defaults)
@@ -405,11 +420,12 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
                 scale = _peft_scale(configs[component], name)
             else:
                 scale = 1.0  # diffusers/PEFT convention without alpha: alpha = r
-            result[component][name] = ((up * scale).contiguous(), down.mT.contiguous())
+            result[component][name] = ((up * scale).contiguous(), down.mT.clone(memory_format=torch.contiguous_format))
             ranks.append(rank)
     if misfits:
         more = f" (and {len(misfits) - 3} more)" if len(misfits) > 3 else ""
-        raise LoraFormatError(f"the LoRA does not fit this model, e.g. it was made for another base model: {'; '.join(misfits[:3])}{more}")
+        examples = "; ".join(misfits[:3])
+        raise LoraFormatError(f"the LoRA does not fit this model, e.g. it was made for another base model: {examples}{more}")
     if not ranks:
         reasons = sorted(set(skipped.values()))
         raise LoraFormatError(f"none of its {len(skipped)} layers is a layer Share adapts ({'; '.join(reasons)})")

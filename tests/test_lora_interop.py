@@ -27,7 +27,8 @@ def fresh_pipe(folder) -> StableDiffusionPipeline:
 
 def generate(pipe) -> np.ndarray:
     generator = torch.Generator().manual_seed(7)
-    return pipe("the fox and the hound", num_inference_steps=3, guidance_scale=5.0, generator=generator, output_type="np").images
+    prompt = "the fox and the hound"
+    return pipe(prompt, num_inference_steps=3, guidance_scale=5.0, generator=generator, output_type="np").images
 
 
 def inject(pipe, unet_config: share.ShareConfig | None = None) -> None:
@@ -88,7 +89,8 @@ def test_round_trip_keeps_every_delta(styled, format, tmp_path):
         assert any(k.startswith("text_encoder.text_model.encoder.layers.") for k in state)
     path = save_lora(tmp_path / f"ink-{format}.safetensors", state, metadata={"style": "ink", "steps": 3})
     read_unet, read_text, info = read_lora(path, pipe.unet, pipe.text_encoder)
-    assert info["format"] == format and info["skipped_count"] == 0 and info["layers"] == len(state) // (3 if format == "kohya" else 2)
+    assert info["format"] == format and info["skipped_count"] == 0
+    assert info["layers"] == len(state) // (3 if format == "kohya" else 2)
     assert info["metadata"]["style"] == "ink" and info["metadata"]["steps"] == "3"
     assert_same_deltas(factors_unet, read_unet)
     assert_same_deltas(factors_text, read_text)
@@ -101,6 +103,11 @@ def test_round_trip_keeps_every_delta(styled, format, tmp_path):
         read_unet, read_text, _ = read_lora(halved, pipe.unet, pipe.text_encoder)
         assert_same_deltas(factors_unet, read_unet)
         assert_same_deltas(factors_text, read_text)
+
+    half_state = export_lora(factors_unet, factors_text, format=format, dtype=torch.float16)
+    half = read_lora(half_state, pipe.unet, pipe.text_encoder)
+    assert_same_deltas(factors_unet, half[0], tolerance=2e-3)
+    assert_same_deltas(factors_text, half[1], tolerance=2e-3)
 
     # an explicit rank (and, in kohya files, another alpha) change the numbers in the file, not ΔW
     scaled = export_lora(factors_unet, factors_text, format=format, rank=6, alpha=1.5 if format == "kohya" else None)
@@ -134,8 +141,9 @@ def test_import_of_a_lora_trained_with_peft_matches_the_peft_model(tiny_pipeline
 
     peft_pipe = fresh_pipe(tiny_pipeline_dir)
     base_image = generate(peft_pipe)
-    unet_config = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    text_config = LoraConfig(r=8, lora_alpha=4, init_lora_weights="gaussian", target_modules=["q_proj", "k_proj", "v_proj", "out_proj"])
+    unet_targets, text_targets = ["to_q", "to_k", "to_v", "to_out.0"], ["q_proj", "k_proj", "v_proj", "out_proj"]
+    unet_config = LoraConfig(r=8, lora_alpha=16, init_lora_weights="gaussian", target_modules=unet_targets)
+    text_config = LoraConfig(r=8, lora_alpha=4, init_lora_weights="gaussian", target_modules=text_targets)
     peft_pipe.unet.add_adapter(unet_config)
     peft_pipe.text_encoder.add_adapter(text_config)
     generator = torch.Generator().manual_seed(3)
@@ -158,7 +166,8 @@ def test_import_of_a_lora_trained_with_peft_matches_the_peft_model(tiny_pipeline
     inject(pipe, share.ShareConfig(max_basis_rank=16))
     factors_unet, factors_text, info = read_lora(path, pipe.unet, pipe.text_encoder)
     assert info["format"] == "diffusers" and info["rank"] == 8 and info["skipped_count"] == 0
-    assert len(factors_unet) == len(share.share_layers(pipe.unet)) and len(factors_text) == len(share.share_layers(pipe.text_encoder))
+    assert len(factors_unet) == len(share.share_layers(pipe.unet))
+    assert len(factors_text) == len(share.share_layers(pipe.text_encoder))
     share.add_style(pipe.unet, "peft", factors_unet)
     share.add_style(pipe.text_encoder, "peft", factors_text)
     share.set_active_styles(pipe.unet, {"peft": 1.0})
@@ -176,7 +185,8 @@ def test_kohya_layers_share_does_not_adapt_are_counted_not_dropped(styled, tmp_p
         "lora_te_text_model_encoder_layers_0_mlp_fc1": ((4, 32), (64, 4)),
     }
     for name, (down, up) in extra.items():
-        state |= {f"{name}.lora_down.weight": torch.randn(down), f"{name}.lora_up.weight": torch.randn(up), f"{name}.alpha": torch.tensor(2.0)}
+        state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = torch.randn(down), torch.randn(up)
+        state[f"{name}.alpha"] = torch.tensor(2.0)
     state["lora_unet_up_blocks_1_attentions_0_proj_out.hada_w1_a"] = torch.randn(32, 4)  # a LoHa layer
     path = save_lora(tmp_path / "locon.safetensors", state)
 
@@ -206,6 +216,14 @@ def test_pickle_files_are_refused_without_being_opened(styled, tmp_path):
     with pytest.raises(LoraFormatError, match="pickle"):
         read_lora(tmp_path / "torch-zip.safetensors", pipe.unet)
     assert not marker.exists()
+    # a real safetensors file whose header length starts with the pickle opcode byte 0x80
+    state = export_lora(styled[1][0])
+    for padding in range(256):
+        path = save_lora(tmp_path / "ok.safetensors", state, metadata={"note": "x" * padding})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert read_lora(path, pipe.unet)[2]["format"] == "kohya"
     (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     with pytest.raises(LoraFormatError, match="not a readable .safetensors"):
         read_lora(tmp_path / "junk.safetensors", pipe.unet)
@@ -215,7 +233,8 @@ def test_pickle_files_are_refused_without_being_opened(styled, tmp_path):
 
 def test_files_that_are_not_a_fitting_lora_raise_clear_errors(styled, tmp_path):
     pipe, (factors_unet, _), _ = styled
-    save_file({"model.diffusion_model.conv_in.weight": torch.zeros(4, 4), "foo": torch.zeros(1)}, str(tmp_path / "ckpt.safetensors"))
+    checkpoint = {"model.diffusion_model.conv_in.weight": torch.zeros(4, 4), "foo": torch.zeros(1)}
+    save_file(checkpoint, str(tmp_path / "ckpt.safetensors"))
     with pytest.raises(LoraFormatError, match="no recognisable LoRA keys"):
         read_lora(tmp_path / "ckpt.safetensors", pipe.unet)
 
