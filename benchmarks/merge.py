@@ -24,7 +24,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from benchmarks.eig_baseline import eig_merge
-from share_diffusion.share import UNET_TARGET_MODULES, ShareConfig, merge_style, relative_error
+from share_diffusion.share import UNET_TARGET_MODULES, ShareConfig, initialize, merge_style, relative_error
 
 SD15_UNET_CONFIG = dict(
     sample_size=64,
@@ -94,8 +94,7 @@ def library_bytes(d_out: int, d_in: int, k_b: int, k_a: int, styles: int) -> int
 
 def bench_shape(d_out: int, d_in: int, config: ShareConfig, repeats_ours: int, repeats_eig: int) -> list[dict]:
     generator = torch.Generator().manual_seed(d_out * 10_000 + d_in)
-    basis_b, basis_a = torch.zeros(d_out, 0), torch.zeros(d_in, 0)
-    loadings_b = loadings_a = torch.zeros(0, 0, 0)
+    basis_b, basis_a, loadings_b, loadings_a = initialize(d_out, d_in)
     originals, rows = [], []
     for t, (new_b, new_a) in enumerate(style_stream(d_out, d_in, max(STYLE_COUNTS), generator), start=1):
         originals.append((new_b, new_a))
@@ -115,7 +114,10 @@ def bench_shape(d_out: int, d_in: int, config: ShareConfig, repeats_ours: int, r
             for (b, a), l_b, l_a in zip(inputs, eig_loadings_b, eig_loadings_a)
         ]
         basis_b, basis_a, loadings_b, loadings_a, errors_ours = merge
-        drift = [relative_error(b, a, basis_b @ l_b, basis_a @ l_a) for (b, a), l_b, l_a in zip(originals, loadings_b, loadings_a)]
+        drift = [
+            relative_error(b, a, basis_b @ l_b, basis_a @ l_a)
+            for (b, a), l_b, l_a in zip(originals, loadings_b, loadings_a)
+        ]
         rows.append(
             dict(
                 d_out=d_out,
@@ -177,7 +179,10 @@ def summary_table(rows: list[dict], shapes: Counter) -> tuple[list[dict], str]:
 
 
 def per_shape_table(rows: list[dict]) -> str:
-    lines = ["| layer shape (d_out×d_in) | T | k_b, k_a | ours (ms) | eig (ms) | eig / ours |", "|---|---:|---|---:|---:|---:|"]
+    lines = [
+        "| layer shape (d_out×d_in) | T | k_b, k_a | ours (ms) | eig (ms) | eig / ours |",
+        "|---|---:|---|---:|---:|---:|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['d_out']}×{row['d_in']} | {row['styles']} | {row['k_b']}, {row['k_a']} "
@@ -203,7 +208,7 @@ def main() -> None:
     summary, table = summary_table(rows, shapes)
     command = "python -m benchmarks.merge --quick" if args.quick else "python -m benchmarks.merge"
     environment = dict(
-        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), processor=platform.processor()
+        torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(), python=platform.python_version()
     )
     markdown = "\n\n".join(
         [

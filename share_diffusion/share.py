@@ -53,6 +53,16 @@ class ShareConfig:
 # ---------------------------------------------------------------------------------------
 
 
+def initialize(d_out: int, d_in: int, device: torch.device | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """An empty layer: basis_b, basis_a with k = 0 and no styles' loadings (T = 0).
+
+    There is no separate first step: merging the first style into this builds the basis.
+    """
+    state = dict(device=device, dtype=torch.float32)
+    no_styles = torch.zeros(0, 0, 0, **state)
+    return torch.zeros(d_out, 0, **state), torch.zeros(d_in, 0, **state), no_styles, no_styles.clone()
+
+
 def expand_basis(basis: Tensor, phi: int, generator: torch.Generator | None = None) -> Tensor:
     """φ random orthonormal directions orthogonal to the columns of basis (d×k) -> (d×φ'), float32.
 
@@ -252,12 +262,13 @@ class ShareLinear(nn.Module):
         self.active_styles: StyleMix | None = None
         self.fused = False
         self.style_in_training: StyleInTraining | None = None
-        state = dict(device=base_layer.weight.device, dtype=torch.float32)
-        self.register_buffer("basis_a", torch.zeros(base_layer.in_features, 0, **state), persistent=False)
-        self.register_buffer("basis_b", torch.zeros(base_layer.out_features, 0, **state), persistent=False)
-        self.register_buffer("loadings_a", torch.zeros(0, 0, 0, **state), persistent=False)
-        self.register_buffer("loadings_b", torch.zeros(0, 0, 0, **state), persistent=False)
-        self.register_buffer("scales", torch.zeros(0, **state), persistent=False)
+        device = base_layer.weight.device
+        basis_b, basis_a, loadings_b, loadings_a = initialize(base_layer.out_features, base_layer.in_features, device)
+        self.register_buffer("basis_a", basis_a, persistent=False)
+        self.register_buffer("basis_b", basis_b, persistent=False)
+        self.register_buffer("loadings_a", loadings_a, persistent=False)
+        self.register_buffer("loadings_b", loadings_b, persistent=False)
+        self.register_buffer("scales", torch.zeros(0, device=device), persistent=False)
         self.register_buffer("mix", None, persistent=False)
 
     # diffusers' attention processors read attn.to_q.weight.dtype
