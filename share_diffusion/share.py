@@ -518,7 +518,8 @@ def export_style(model: nn.Module, style: str) -> dict[str, tuple[Tensor, Tensor
 
 
 def begin_style_training(model: nn.Module, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
-    """Freeze the whole model, expand every Share layer and return the trainable parameters."""
+    """Freeze the whole model (it stays frozen afterwards), expand every Share layer and
+    return the trainable parameters."""
     model.requires_grad_(False)
     return [p for layer in share_layers(model).values() for p in layer.begin_training(style, generator)]
 
