@@ -111,6 +111,12 @@ def register_generate(subparsers) -> argparse.ArgumentParser:
         "--out", "-o", required=True, metavar="FILE.png", help="output PNG; several images become FILE-0.png, FILE-1.png..."
     )
     add_model_options(parser)
+    add_library_option(parser, required=False)
+    group = parser.add_argument_group("styles")
+    group.add_argument("--style", metavar="NAME", default=None, help="a style from --library")
+    group.add_argument("--strength", type=float, default=1.0, metavar="W", help="weight of --style (default 1.0)")
+    group.add_argument("--mix", nargs="+", default=[], metavar="NAME=W", help="several styles with weights, e.g. --mix ink=0.7 neon=0.3")
+    group.add_argument("--no-trigger", action="store_true", help="do not append the styles' trigger words to the prompt")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     parser.set_defaults(func=cmd_generate)
     return parser
@@ -127,33 +133,260 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.scheduler:
         models.canonical_scheduler_name(args.scheduler)  # fail before the (slow) model load
+    mix = parse_mix(args.mix)
+    if (args.style or mix) and not args.library:
+        raise CommandError("--style and --mix need --library")
     pipe = load_model_from_args(args)
     seed = models.resolve_seed(args.seed)
-    images = models.generate_images(
-        pipe,
-        args.prompt,
-        negative_prompt=args.negative,
-        seed=seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        width=args.width,
-        height=args.height,
-        num_images=args.num_images,
-        scheduler=args.scheduler,
-    )
+    options = dict(negative_prompt=args.negative, seed=seed, steps=args.steps, guidance=args.guidance)
+    extra = {}
+    if args.style or mix:
+        studio = open_studio(args, pipe)
+        images, extra = studio.generate(
+            args.prompt, style=args.style, strength=args.strength, mix=mix, add_trigger=not args.no_trigger,
+            width=args.width, height=args.height, num_images=args.num_images, scheduler=args.scheduler, **options,
+        )
+        options["prompt"] = extra.pop("prompt")
+    else:
+        images = models.generate_images(
+            pipe, args.prompt, width=args.width, height=args.height, num_images=args.num_images,
+            scheduler=args.scheduler, **options,
+        )
+        options["prompt"] = args.prompt
+    options["negative_prompt"] = options.pop("negative_prompt")
     paths = models.save_generated(
-        pipe,
-        images,
-        models.numbered_output_paths(out, len(images)),
-        prompt=args.prompt,
-        negative_prompt=args.negative,
-        seed=seed,
-        steps=args.steps,
-        guidance=args.guidance,
-        scheduler=args.scheduler,
+        pipe, images, models.numbered_output_paths(out, len(images)), scheduler=args.scheduler, **options, **extra
     )
     for i, path in enumerate(paths):
         print(f"saved {path} (seed {seed + i})")
+    return 0
+
+
+def parse_mix(items: list[str]) -> dict[str, float]:
+    mix = {}
+    for item in items:
+        name, sep, weight = item.rpartition("=")
+        try:
+            mix[name] = float(weight)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise CommandError(f"--mix takes NAME=WEIGHT, got {item!r}")
+    return mix
+
+
+# --------------------------------------------------------------------------------------
+# the style library: train, list, export-lora, import, remove, rename, undo
+# --------------------------------------------------------------------------------------
+def add_library_option(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    from .studio import DEFAULT_LIBRARY
+
+    parser.add_argument(
+        "--library", "-l", metavar="FILE", default=None if not required else str(DEFAULT_LIBRARY),
+        help=f"style library file (default: {DEFAULT_LIBRARY.relative_to(Path.cwd()) if DEFAULT_LIBRARY.is_relative_to(Path.cwd()) else DEFAULT_LIBRARY})"
+        if required else "style library file, for --style/--mix",
+    )
+
+
+def open_studio(args: argparse.Namespace, pipe=None):
+    from . import models
+    from .studio import Studio
+
+    pipe = pipe or load_model_from_args(args)
+    return Studio(pipe, args.library, model_id=models.model_info(pipe).name)
+
+
+def register_train(subparsers) -> argparse.ArgumentParser:
+    from .training import PRESETS
+
+    parser = subparsers.add_parser("train", help="learn a new style from a few images",
+                                   description="Learn a style from images (files or folders; a .txt beside an image is "
+                                   "its caption) and merge it into the library. Ctrl-C cancels and leaves the library unchanged.")
+    add_library_option(parser)
+    parser.add_argument("--name", required=True, help="the style's name")
+    parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
+    parser.add_argument("--trigger", default=None, help="trigger word (default: from the name)")
+    parser.add_argument("--preset", choices=list(PRESETS), default="quick",
+                        help="; ".join(f"{n}: {p.steps} steps, lr {p.learning_rate:g}, rank {p.rank}, phi {p.phi}" for n, p in PRESETS.items()))
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--learning-rate", "--lr", type=float, default=None)
+    parser.add_argument("--rank", type=int, default=None)
+    parser.add_argument("--phi", type=int, default=None, help="temporary basis directions while training")
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None)
+    parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
+    parser.add_argument("--use-8bit-adam", action="store_true", default=None, help="needs bitsandbytes (CUDA)")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_train)
+    return parser
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    import threading
+
+    from tqdm import tqdm
+
+    from .training import TrainingCancelled, training_config
+
+    config = training_config(
+        args.preset, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank, phi=args.phi,
+        batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
+        gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+    )
+    studio = open_studio(args)
+    cancel = threading.Event()
+    bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr)
+
+    def progress(p):
+        bar.update(p.step - bar.n)
+        bar.set_postfix(loss=f"{p.loss:.4f}")
+
+    # The work runs in a thread so that Ctrl-C here only sets the cancel flag: the training stops at
+    # the next step and rolls back, instead of being torn down half-way through a save.
+    outcome = {}
+
+    def work():
+        try:
+            outcome["result"] = studio.train(args.images, args.name, trigger=args.trigger, config=config,
+                                             preset=args.preset, progress=progress, cancel=cancel)
+        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.2)
+    except KeyboardInterrupt:
+        cancel.set()
+        worker.join()
+    bar.close()
+    if "error" in outcome:
+        if isinstance(outcome["error"], TrainingCancelled):
+            print(f"{PROG}: {outcome['error']}", file=sys.stderr)
+            return 130
+        raise outcome["error"]
+    result = outcome["result"]
+    for rejected in result.rejected:
+        print(f"skipped {rejected}", file=sys.stderr)
+    print(f"learned style {result.name!r}; library saved to {args.library}")
+    for name in result.errors_before:
+        print(f"  {name}: reconstruction error {result.errors_before[name]:.2e} -> {result.errors_after[name]:.2e}")
+    return 0
+
+
+def register_list(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("list", help="list the styles of a library")
+    add_library_option(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=cmd_list)
+    return parser
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import json
+
+    from .library import StyleLibrary
+
+    path = Path(args.library)
+    library = StyleLibrary.load(path)
+    summary = {
+        "library": str(path),
+        "bytes": path.stat().st_size,
+        "basis_rank": library.basis_rank(),
+        "base_model": library.meta["base_model"],
+        "styles": [{k: s.get(k) for k in ("name", "trigger", "created_at", "images", "steps", "error")} for s in library.styles],
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    print(f"{path}: {len(library.styles)} styles, {summary['bytes']:,} bytes, basis rank k={summary['basis_rank']}, "
+          f"base model {library.meta['base_model']['id']}")
+    for style in summary["styles"]:
+        print(f"  {style['name']:<24} trigger {style['trigger']:<16} created {style['created_at']}  error {style['error']:.2e}")
+    return 0
+
+
+def register_export_lora(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("export-lora", help="save one style as a standard LoRA file")
+    add_library_option(parser)
+    parser.add_argument("--style", required=True, metavar="NAME")
+    parser.add_argument("--out", "-o", required=True, metavar="FILE.safetensors")
+    parser.add_argument("--format", choices=["kohya", "diffusers"], default="kohya",
+                        help="kohya/A1111 (lora_unet_...) or diffusers/PEFT keys (default kohya)")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_export_lora)
+    return parser
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    if not args.out.endswith(".safetensors"):
+        raise CommandError("--out must end with .safetensors")
+    path = open_studio(args).export_lora(args.style, args.out, format=args.format)
+    print(f"saved {path} ({args.format} format)")
+    return 0
+
+
+def register_import(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("import", help="merge style libraries or LoRA files into a library")
+    add_library_option(parser)
+    parser.add_argument("files", nargs="+", metavar="FILE", help="style-library or LoRA .safetensors files")
+    parser.add_argument("--on-clash", choices=["rename", "replace", "skip", "error"], default="rename",
+                        help="when a style name exists already (default: rename the newcomer)")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_import)
+    return parser
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    added = open_studio(args).import_files(args.files, on_clash=args.on_clash)
+    print(f"imported {len(added)} styles: {', '.join(added) or 'none'}")
+    return 0
+
+
+def register_remove(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("remove", help="remove a style from a library")
+    add_library_option(parser)
+    parser.add_argument("--style", required=True, metavar="NAME")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_remove)
+    return parser
+
+
+def cmd_remove(args: argparse.Namespace) -> int:
+    open_studio(args).remove(args.style)
+    print(f"removed {args.style!r} (undo: python -m share_diffusion undo --library {args.library})")
+    return 0
+
+
+def register_rename(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("rename", help="rename a style")
+    add_library_option(parser)
+    parser.add_argument("--style", required=True, metavar="NAME")
+    parser.add_argument("--to", required=True, metavar="NEW_NAME")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_rename)
+    return parser
+
+
+def cmd_rename(args: argparse.Namespace) -> int:
+    open_studio(args).rename(args.style, args.to)
+    print(f"renamed {args.style!r} to {args.to!r}")
+    return 0
+
+
+def register_undo(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("undo", help="restore the library as it was before its last change")
+    add_library_option(parser)
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_undo)
+    return parser
+
+
+def cmd_undo(args: argparse.Namespace) -> int:
+    open_studio(args).undo_last_change()
+    print(f"restored the previous version of {args.library}")
     return 0
 
 
@@ -161,7 +394,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # parser and entry point
 # --------------------------------------------------------------------------------------
 #: Subcommand registrations, in --help order.  Add new commands here.
-COMMANDS: list[Callable] = [register_generate]
+COMMANDS: list[Callable] = [
+    register_generate, register_train, register_list, register_export_lora, register_import,
+    register_remove, register_rename, register_undo,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

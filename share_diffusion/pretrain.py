@@ -138,7 +138,7 @@ def image_batch(make_image, rng: np.random.Generator, batch_size: int) -> torch.
     return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
 
 
-def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 32) -> None:
+def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 16) -> None:
     rng = np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
     start, step = time.time(), 0
@@ -255,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-minutes", type=float, default=45)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--vae-from", type=Path, default=None, help="reuse a trained VAE folder and skip stage 1")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, for tests")
     args = parser.parse_args(argv)
     if args.threads:
@@ -263,10 +264,14 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = 3 if args.smoke else 10**9
 
     tokenizer = write_tokenizer(args.out / "tokenizer")
-    vae = build_vae()
-    train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 32)
+    if args.vae_from:
+        vae = AutoencoderKL.from_pretrained(args.vae_from)
+    else:
+        vae = build_vae()
+        train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 16)
+        set_latent_scale(vae, args.seed)
+        vae.save_pretrained(args.out / "vae")
     vae.eval().requires_grad_(False)
-    set_latent_scale(vae, args.seed)
 
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     ema = train_unet(
