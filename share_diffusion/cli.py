@@ -440,11 +440,11 @@ def format_error(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if "--debug" not in (sys.argv[1:] if argv is None else argv):
+        _quiet_libraries()  # before build_parser, which imports the library
     parser = build_parser()
     args = parser.parse_args(argv)
     debug = bool(getattr(args, "debug", False))
-    if not debug:
-        _quiet_libraries()
     try:
         result = args.func(args)
         return 0 if result is None else int(result)

@@ -1,0 +1,231 @@
+"""The user's main loop on the embedded model: train styles, keep them in one file, share them."""
+
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from share_diffusion.library import LibraryError, LibraryLock, LibraryLockedError, StyleLibrary
+from share_diffusion.models import EMBEDDED_MODEL_DIR, load_pipeline
+from share_diffusion.studio import Studio, library_style_factors
+from share_diffusion.training import TrainingCancelled, TrainingConfig, TrainingFailed
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "styles" / "examples"
+# The embedded model unless a test run points elsewhere (same architecture, e.g. a pretrain --smoke output).
+MODEL = os.environ.get("SHARE_TEST_MODEL", str(EMBEDDED_MODEL_DIR))
+FEW_STEPS = TrainingConfig(steps=6, batch_size=2, learning_rate=1e-2)
+
+
+@pytest.fixture
+def pipe():
+    return load_pipeline(MODEL, device="cpu", progress=False)
+
+
+@pytest.fixture
+def studio(pipe, tmp_path):
+    return Studio(pipe, tmp_path / "library.safetensors", model_id="embedded")
+
+
+def images(style: str, count: int = 4) -> list[Path]:
+    return sorted((EXAMPLES / style).glob("*.png"))[:count]
+
+
+def generate(studio: Studio, style=None, **kwargs) -> np.ndarray:
+    result, _ = studio.generate("a red circle on a blue background", style=style, seed=3, steps=8, **kwargs)
+    return np.asarray(result[0], dtype=np.float32)
+
+
+def style_delta(library: StyleLibrary, name: str) -> dict[str, torch.Tensor]:
+    factors = library_style_factors(library, library.style(name)["id"], "unet")
+    return {layer: b @ a.T for layer, (b, a) in factors.items()}
+
+
+def test_second_style_leaves_the_first_unchanged(studio):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    before_delta = style_delta(studio.library, "Hatching")
+    before_image = generate(studio, "Hatching")
+    assert np.abs(before_image - generate(studio)).max() > 1, "the style changes the image"
+
+    result = studio.train(images("neon"), "Neon", config=FEW_STEPS)
+
+    after_delta = style_delta(StyleLibrary.load(studio.path), "Hatching")
+    for layer, delta in before_delta.items():
+        error = torch.linalg.norm(after_delta[layer] - delta) / torch.linalg.norm(delta)
+        assert error <= 1e-4, layer
+    assert np.abs(generate(studio, "Hatching") - before_image).max() <= 1.0  # at most 1 level of 255
+    assert result.errors_after["Hatching"] <= 1e-4
+    record = studio.library.style("Hatching")
+    assert len(record["error_history"]) == 2 and record["images"] == 4 and record["steps"] == 6
+
+
+def test_cancel_and_failures_leave_the_library_byte_identical(studio):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    saved = studio.path.read_bytes()
+    reference = generate(studio, "Hatching")
+
+    cancel = threading.Event()
+
+    def cancel_at_step_3(progress):
+        if progress.step == 3:
+            cancel.set()
+
+    with pytest.raises(TrainingCancelled):
+        studio.train(images("neon"), "Neon", config=FEW_STEPS, progress=cancel_at_step_3, cancel=cancel)
+
+    def broken_callback(progress):
+        raise RuntimeError("a bug in the loop")
+
+    with pytest.raises(RuntimeError):
+        studio.train(images("neon"), "Neon", config=FEW_STEPS, progress=broken_callback)
+
+    with pytest.raises(TrainingFailed, match="learning rate"):
+        studio.train(images("neon"), "Neon", config=TrainingConfig(steps=60, batch_size=2, learning_rate=1e12))
+
+    assert studio.path.read_bytes() == saved
+    assert studio.style_names() == ["Hatching"]
+    assert np.array_equal(generate(studio, "Hatching"), reference)
+
+
+def test_full_disk_while_saving_leaves_the_library_intact(studio, monkeypatch):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    saved = studio.path.read_bytes()
+
+    def no_space(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("share_diffusion.library._write_synced", no_space)
+    with pytest.raises(OSError, match="No space"):
+        studio.train(images("neon"), "Neon", config=FEW_STEPS)
+    monkeypatch.undo()
+    assert studio.path.read_bytes() == saved
+    assert studio.style_names() == ["Hatching"]
+    assert not [p for p in studio.path.parent.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_damaged_and_foreign_libraries_are_refused_untouched(pipe, studio, tmp_path):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    good = studio.path.read_bytes()
+    for name, data in {"truncated": good[: len(good) // 3], "garbage": b"\x00" * 100}.items():
+        path = tmp_path / f"{name}.safetensors"
+        path.write_bytes(data)
+        with pytest.raises(LibraryError):
+            Studio(pipe, path)
+        assert path.read_bytes() == data
+
+    foreign = StyleLibrary.load(studio.path)
+    foreign.meta["base_model"]["fingerprint"] = "0123456789abcdef"
+    path = tmp_path / "foreign.safetensors"
+    foreign.save(path)
+    data = path.read_bytes()
+    with pytest.raises(LibraryError, match="fingerprint"):
+        Studio(pipe, path)
+    with pytest.raises(LibraryError, match="fingerprint"):
+        studio.import_files([path])
+    assert path.read_bytes() == data and studio.path.read_bytes() == good
+
+
+def test_import_a_library_keeps_every_style(pipe, tmp_path):
+    first = Studio(pipe, tmp_path / "a.safetensors")
+    first.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    first.train(images("neon"), "Neon", config=FEW_STEPS)
+    exported = {name: style_delta(first.library, name) for name in first.style_names()}
+
+    other_pipe = load_pipeline(MODEL, device="cpu", progress=False)
+    second = Studio(other_pipe, tmp_path / "b.safetensors")
+    second.train(images("mosaic"), "Neon", config=FEW_STEPS)  # a clashing name
+    added = second.import_files([first.path], on_clash="rename")
+
+    assert added == ["Hatching", "Neon (2)"]
+    assert second.style_names() == ["Neon", "Hatching", "Neon (2)"]
+    reloaded = StyleLibrary.load(second.path)
+    for original, imported in (("Hatching", "Hatching"), ("Neon", "Neon (2)")):
+        delta = style_delta(reloaded, imported)
+        for layer, reference in exported[original].items():
+            assert torch.linalg.norm(delta[layer] - reference) <= 1e-4 * torch.linalg.norm(reference)
+
+    assert second.import_files([first.path], on_clash="skip") == []
+    with pytest.raises(LibraryError, match="already"):
+        second.import_files([first.path], on_clash="error")
+
+
+def test_exported_lora_gives_the_same_image_in_diffusers(studio, tmp_path):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    ours = generate(studio, "Hatching")
+    for fmt in ("kohya", "diffusers"):
+        path = studio.export_lora("Hatching", tmp_path / f"hatching-{fmt}.safetensors", format=fmt)
+        plain = StableDiffusionPipeline.from_pretrained(MODEL, safety_checker=None, requires_safety_checker=False)
+        plain.load_lora_weights(str(path))
+        plain.set_progress_bar_config(disable=True)
+        theirs = plain(
+            "a red circle on a blue background, in hatching style",
+            num_inference_steps=8,
+            guidance_scale=4.0,
+            generator=[torch.Generator().manual_seed(3)],
+        ).images[0]
+        assert np.abs(np.asarray(theirs, dtype=np.float32) - ours).max() <= 2.0, fmt
+
+
+def test_rename_remove_and_undo(studio):
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    studio.train(images("neon"), "Neon", config=FEW_STEPS)
+    studio.rename("Neon", "Glow")
+    assert studio.style_names() == ["Hatching", "Glow"]
+    studio.remove("Hatching")
+    assert studio.style_names() == ["Glow"]
+    studio.undo_last_change()
+    assert studio.style_names() == ["Hatching", "Glow"]
+    assert StyleLibrary.load(studio.path).styles[0]["name"] == "Hatching"
+    with pytest.raises(LibraryError, match="nothing to undo"):
+        studio.undo_last_change()
+
+
+def test_a_second_process_cannot_write_while_locked(studio):
+    code = (
+        "import sys, time; from share_diffusion.library import LibraryLock;"
+        f"LibraryLock({str(studio.path)!r}).__enter__(); print('locked', flush=True); time.sleep(60)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(LibraryLockedError, match="another Share Studio process"):
+            studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not studio.path.exists()
+
+
+def run_cli(*args, check=True):
+    result = subprocess.run(
+        [sys.executable, "-m", "share_diffusion", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def test_cli_train_list_generate_export_remove(tmp_path):
+    library = str(tmp_path / "lib.safetensors")
+    common = ["--library", library, "--model", MODEL]
+    trained = run_cli("train", *common, "--name", "Hatching", "--images", str(EXAMPLES / "hatching"), "--steps", "4",
+                      "--batch-size", "2")
+    assert "learned style 'Hatching'" in trained.stdout
+    listed = run_cli("list", "--library", library, "--json")
+    assert '"name": "Hatching"' in listed.stdout
+    out = tmp_path / "x.png"
+    run_cli("generate", *common, "--style", "Hatching", "--prompt", "a red circle on a blue background",
+            "--seed", "0", "--steps", "4", "--out", str(out))
+    assert out.exists()
+    run_cli("export-lora", *common, "--style", "Hatching", "--out", str(tmp_path / "h.safetensors"))
+    missing = run_cli("remove", *common, "--style", "Nope", check=False)
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1 and "no style named 'Nope'" in missing.stderr
+    run_cli("remove", *common, "--style", "Hatching")
+    assert '"styles": []' in run_cli("list", "--library", library, "--json").stdout
