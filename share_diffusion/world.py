@@ -115,6 +115,54 @@ def to_pil(image: np.ndarray) -> Image.Image:
     return Image.fromarray((np.clip(image, 0, 1) * 255 + 0.5).astype(np.uint8))
 
 
+# --- reading a generated image back -----------------------------------------------------------
+
+
+def nearest_colour(rgb: np.ndarray) -> str:
+    palette = np.array(list(COLOURS.values()), dtype=np.float32) / 255
+    return list(COLOURS)[int(np.argmin(((palette - rgb) ** 2).sum(axis=1)))]
+
+
+@dataclass(frozen=True)
+class Reading:
+    background: str
+    colour: str
+    shape: str
+    shape_fraction: float  # share of the image the shape covers
+
+
+def read_scene(image: np.ndarray) -> Reading:
+    """What a plain-world image shows: background colour (from the border), the shape's colour
+    (pixels unlike the background) and its shape (best IoU among the world's shapes, fitted at the
+    shape's centroid with the same area)."""
+    image = np.asarray(image, dtype=np.float32)
+    if image.max() > 1.5:
+        image = image / 255
+    border = np.concatenate([image[:3].reshape(-1, 3), image[-3:].reshape(-1, 3), image[:, :3].reshape(-1, 3), image[:, -3:].reshape(-1, 3)])
+    background = np.median(border, axis=0)
+    mask = np.sqrt(((image - background) ** 2).sum(axis=-1)) > 0.25
+    fraction = float(mask.mean())
+    if mask.sum() < 8:
+        return Reading(nearest_colour(background), "none", "none", fraction)
+    colour = nearest_colour(np.median(image[mask], axis=0))
+    size = image.shape[0]
+    ys, xs = np.nonzero(mask)
+    centre = ((xs.mean() + 0.5) / size, (ys.mean() + 0.5) / size)
+    best, best_iou = "none", -1.0
+    for shape in SHAPES:
+        for radius in np.linspace(0.06, 0.35, 30):
+            template = shape_mask(Scene(shape, "white", "black", "in the center", float(radius), (0.0, 0.0)), size) > 0.5
+            if template.sum() >= mask.sum():
+                break
+        ty, tx = np.nonzero(template)
+        offset = (round(centre[1] * size - 0.5 - ty.mean()), round(centre[0] * size - 0.5 - tx.mean()))
+        template = np.roll(template, offset, axis=(0, 1))
+        iou = (template & mask).sum() / max((template | mask).sum(), 1)
+        if iou > best_iou:
+            best, best_iou = shape, iou
+    return Reading(nearest_colour(background), colour, best, fraction)
+
+
 # --- styles -------------------------------------------------------------------------------------
 # Each style renders a scene in that style: (scene, rng) -> float RGB in [0, 1].
 

@@ -1,0 +1,83 @@
+"""The embedded base model draws what it is asked, and its VAE can represent unseen styles."""
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, StableDiffusionPipeline
+
+from share_diffusion import world
+from share_diffusion.models import EMBEDDED_MODEL_DIR, generate_images, load_pipeline
+
+PROMPTS = [
+    "a red circle on a blue background",
+    "a yellow square on a purple background",
+    "a green triangle on a white background",
+    "a blue diamond on a yellow background",
+    "a white cross on a black background",
+    "a orange circle on a green background",
+    "a black square on a pink background",
+    "a cyan triangle on a red background",
+]
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return load_pipeline(None, device="cpu", progress=False)
+
+
+@pytest.fixture(scope="module")
+def readings(pipe):
+    out = []
+    for prompt in PROMPTS:
+        for seed in (0, 1):
+            image = generate_images(pipe, prompt, seed=seed, steps=20, guidance=4.0)[0]
+            out.append((world.parse_caption(prompt), world.read_scene(np.asarray(image))))
+    return out
+
+
+def test_it_draws_the_prompted_background_colour(readings):
+    correct = sum(r.background == scene.background for scene, r in readings)
+    assert correct >= 0.9 * len(readings), [(s.caption(False), r) for s, r in readings if r.background != s.background]
+
+
+def test_it_draws_the_prompted_shape_colour(readings):
+    correct = sum(r.colour == scene.colour for scene, r in readings)
+    assert correct >= 0.8 * len(readings), [(s.caption(False), r) for s, r in readings if r.colour != s.colour]
+
+
+def test_it_draws_the_prompted_shape(readings):
+    correct = sum(r.shape == scene.shape for scene, r in readings)
+    assert correct >= 0.6 * len(readings), [(s.caption(False), r) for s, r in readings if r.shape != s.shape]
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(1.0 / np.mean((a - b) ** 2)))
+
+
+def reconstruct(vae: AutoencoderKL, images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((y.permute(0, 2, 3, 1).numpy() + 1) / 2).clip(0, 1)
+
+
+def test_vae_reconstructs_a_style_it_never_saw():
+    vae = AutoencoderKL.from_pretrained(EMBEDDED_MODEL_DIR / "vae")
+    rng = np.random.default_rng(123)
+    held_out = world.VAE_HELD_OUT_STYLE
+    images = np.stack([world.render_styled(held_out, world.sample_scene(rng), rng) for _ in range(16)])
+    recon = reconstruct(vae, images)
+    assert psnr(recon, images) >= 25.0
+    # The style survives: the frame stays white and its inner grey line stays darker than it.
+    frame = recon[:, 1:4, 8:-8].mean()
+    line = recon[:, 5, 8:-8].mean()
+    assert frame > 0.9 and line < frame - 0.2
+
+
+def test_pretraining_script_runs(tmp_path):
+    from share_diffusion.pretrain import main
+
+    main(["--smoke", "--out", str(tmp_path / "model")])
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == world.IMAGE_SIZE
+    assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
