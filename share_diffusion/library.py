@@ -195,7 +195,10 @@ def first_line(error: BaseException) -> str:
 
 def read_header_metadata(data: bytes, source: str) -> dict:
     """Parse the safetensors header ourselves, with limits, before safetensors sees the file."""
-    if data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK":
+    # A safetensors file has its JSON header from byte 8; its 8-byte length may itself start like a
+    # pickle (a header of 0x580 bytes is b"\x80\x05..."), so that alone does not make it one.
+    looks_safetensors = data[8:9] == b"{"
+    if not looks_safetensors and (data[:2] in (b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05") or data[:2] == b"PK"):
         raise LibraryError(f"{source}: this is a pickle/zip file, not safetensors; it was not opened")
     if len(data) < 8:
         raise LibraryError(f"{source}: not a safetensors file (only {len(data)} bytes)")
