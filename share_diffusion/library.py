@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import struct
@@ -211,7 +212,7 @@ def read_header_metadata(data: bytes, source: str) -> dict:
         header = json.loads(data[8 : 8 + header_length].decode("utf-8"))
         text = header["__metadata__"][METADATA_KEY]
         meta = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise LibraryError(f"{source}: damaged or not a safetensors file (header is not valid JSON)") from None
     except (KeyError, TypeError):
         raise LibraryError(f"{source}: a safetensors file, but not a Share Studio style library") from None
@@ -229,17 +230,29 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
     version = meta.get("format_version")
     if version != FORMAT_VERSION:
         fail(f"format version {version!r} is not supported (this Share Studio reads version {FORMAT_VERSION})")
+
+    def integer(value, low, high) -> bool:
+        return type(value) is int and low <= value <= high
+
+    def number(value) -> bool:
+        return type(value) in (int, float) and math.isfinite(value)
+
+    # Exact types, since Studio and the training code use these values as they are.
     try:
         fingerprint = meta["base_model"]["fingerprint"]
         share = meta["share"]
-        rank, max_rank = int(share["rank"]), int(share["max_basis_rank"])
+        rank, max_rank = share["rank"], share["max_basis_rank"]
         targets = meta["target_modules"]
         styles = meta["styles"]
-        int(meta["next_style_number"])
-        assert isinstance(meta["merges"], list) and isinstance(styles, list) and isinstance(fingerprint, str)
-        assert all(isinstance(t, str) for c in COMPONENTS for t in targets[c])
-        assert 0 < rank <= 1024 and 0 < max_rank <= 4096 and 0 < float(share["energy_threshold"]) <= 1
-    except (KeyError, TypeError, ValueError, AssertionError):
+        next_number = meta["next_style_number"]
+        assert isinstance(meta["merges"], list) and isinstance(styles, list)
+        assert isinstance(fingerprint, str) and isinstance(meta["base_model"]["id"], str)
+        assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in COMPONENTS)
+        assert integer(rank, 1, 1024) and integer(max_rank, 1, 4096) and integer(share["phi"], 1, 4096)
+        assert share["alpha"] is None or number(share["alpha"])
+        assert number(share["energy_threshold"]) and 0 < share["energy_threshold"] <= 1
+        assert integer(next_number, 1, 10**9)
+    except (KeyError, TypeError, ValueError, AssertionError, OverflowError):
         fail("library metadata is incomplete or malformed")
     ids, names = set(), set()
     for record in styles:
@@ -247,6 +260,10 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
             fail("a style record is malformed")
         if not re.fullmatch(r"s[0-9]{1,9}", record["id"]) or record["id"] in ids:
             fail(f"style id {record['id'][:40]!r} is invalid or repeated")
+        if int(record["id"][1:]) >= next_number:
+            fail(f"style id {record['id']!r} is not below next_style_number {next_number}")
+        if not number(record.get("error")) or not isinstance(record.get("error_history"), list):
+            fail(f"style {record['id']!r} lacks its error bookkeeping")
         try:
             name = check_style_name(record.get("name"))
             check_trigger(record.get("trigger"))
