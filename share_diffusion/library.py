@@ -20,6 +20,7 @@ import math
 import os
 import re
 import struct
+import threading
 import unicodedata
 from datetime import datetime, timezone
 from pathlib import Path
@@ -327,12 +328,14 @@ def write_atomically(path: Path, data: bytes, keep_backup: bool) -> None:
     With keep_backup the current file first becomes `<file>.bak` (by a hard link or an atomic copy).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per write, not just per process: two threads must never share a temporary file.
+    unique = f"{os.getpid()}.{threading.get_ident()}"
+    temporary = path.with_name(f".{path.name}.{unique}.tmp")
     try:
         _write_synced(temporary, data)
         if keep_backup and path.exists():
             backup = path.with_name(path.name + ".bak")
-            backup_temporary = path.with_name(f".{path.name}.{os.getpid()}.bak.tmp")
+            backup_temporary = path.with_name(f".{path.name}.{unique}.bak.tmp")
             try:
                 os.link(path, backup_temporary)
             except OSError:
@@ -365,8 +368,12 @@ def _sync_directory(directory: Path) -> None:
 class LibraryLock:
     """`<file>.lock`, created exclusively, so that two processes never write one library at once.
 
-    A lock left by a process that no longer runs is taken over.
+    A lock left by a process that no longer runs is taken over. Within one process, a lock held by
+    another LibraryLock (another Studio, another thread) is refused like one held by another process.
     """
+
+    _held_here: set[str] = set()  # lock files held by this process
+    _held_here_guard = threading.Lock()
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path).with_name(Path(path).name + ".lock")
@@ -374,6 +381,19 @@ class LibraryLock:
 
     def __enter__(self) -> LibraryLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        key = str(self.path.resolve())
+        with self._held_here_guard:
+            if key in self._held_here:
+                raise LibraryLockedError(
+                    f"{self.path.with_suffix('')} is being changed by another operation in this process; "
+                    "wait for it to finish"
+                )
+            self._take()
+            self._held_here.add(key)
+            self._key = key
+        return self
+
+    def _take(self) -> None:
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -390,7 +410,7 @@ class LibraryLock:
             with os.fdopen(fd, "w") as file:
                 file.write(str(os.getpid()))
             self.held = True
-            return self
+            return
         raise LibraryLockedError(f"could not take the lock {self.path}")
 
     def __exit__(self, *exc) -> None:
@@ -398,6 +418,8 @@ class LibraryLock:
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
             self.held = False
+            with self._held_here_guard:
+                self._held_here.discard(self._key)
 
     def _owner(self) -> int | None:
         try:
