@@ -160,6 +160,7 @@ class StyleLibrary:
         return save_safetensors_bytes(self.state, metadata={METADATA_KEY: json.dumps(self.meta)})
 
     def save(self, path: str | os.PathLike) -> None:
+        validate(self.meta, self.state, str(path))  # never write a file that could not be opened again
         write_atomically(Path(path), self.to_bytes(), keep_backup=True)
 
     @classmethod
