@@ -514,9 +514,7 @@ class StudioCallbacks:
                 return
             raise error
         result = outcome["result"]
-        rejected = [f"{r.path.name} ({r.reason})" for r in result.rejected]
-        if rejected:
-            gr.Warning(f"{len(rejected)} image(s) were skipped: {'; '.join(rejected)}")
+        skipped = f" {len(result.rejected)} rejected file(s) were skipped (see the list)." if result.rejected else ""
 
         # After the merge: the same samples again, and each earlier style's reconstruction error.
         sample = self.render_sample(name)
@@ -530,7 +528,7 @@ class StudioCallbacks:
             pairs += [before, (str(path), f"{earlier} · after")]
         errors = [[n, f"{result.errors_before[n]:.2e}", f"{result.errors_after[n]:.2e}"] for n in result.errors_before]
         gr.Info(f"Learned style {name!r}; the library is saved")
-        yield (f"Learned **{name}** ({config.steps} steps). It is in the style list of the Generate tab.",
+        yield (f"Learned **{name}** ({config.steps} steps). It is in the style list of the Generate tab.{skipped}",
                previews, pairs, errors)
 
     def cancel_training(self) -> str:

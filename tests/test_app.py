@@ -117,6 +117,9 @@ def test_second_style_shows_earlier_styles_before_and_after_the_merge(cb):
 
 def test_rename_delete_and_undo_refresh_the_dropdowns(cb):
     train(cb, example_files("hatching"), "Hatching")
+    rows = cb.library_rows()
+    clicked = cb.select_row(rows, gr.SelectData(None, {"index": [0, 3], "value": rows[0][3], "selected": True}))
+    assert clicked["value"] == "Hatching"  # clicking anywhere in a row selects its style
     message, selected = cb.rename("Hatching", "Crosshatch")
     assert "Crosshatch" in message and selected["value"] == "Crosshatch"
     style, mix, chosen, rows, facts = cb.refresh_all("Hatching", NO_STYLE, "Crosshatch")
