@@ -19,6 +19,7 @@ import json
 import math
 import os
 import re
+import stat
 import struct
 import threading
 import unicodedata
@@ -167,11 +168,14 @@ class StyleLibrary:
     def load(cls, path: str | os.PathLike) -> StyleLibrary:
         path = Path(path)
         try:
-            size = path.stat().st_size
+            status = path.stat()
         except FileNotFoundError:
             raise LibraryError(f"{path}: no such library file") from None
         except OSError as error:
             raise LibraryError(f"{path}: cannot read it ({error.strerror})") from None
+        if not stat.S_ISREG(status.st_mode):  # a FIFO would block forever, /dev/zero fill the memory
+            raise LibraryError(f"{path}: not a regular file")
+        size = status.st_size
         if size > MAX_FILE_BYTES:
             raise LibraryError(f"{path}: {size} bytes is too large for a style library")
         try:
