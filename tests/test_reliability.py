@@ -445,6 +445,35 @@ def test_save_refuses_a_library_it_could_not_open_again(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_library_paths_that_are_not_regular_files_fail_at_once(tmp_path):
+    """Regression: a FIFO blocked load() forever and /dev/zero filled the memory; now both are refused."""
+    os.mkfifo(tmp_path / "fifo.safetensors")
+    (tmp_path / "folder.safetensors").mkdir()
+    (tmp_path / "zero.safetensors").symlink_to("/dev/zero")
+    (tmp_path / "dangling.safetensors").symlink_to(tmp_path / "nothing")
+    outcomes = {}
+    for path in sorted(tmp_path.iterdir()):
+        def load(path=path):
+            try:
+                StyleLibrary.load(path)
+                outcomes[path.name] = "loaded"
+            except LibraryError as error:
+                outcomes[path.name] = str(error)
+            except BaseException as error:  # noqa: BLE001
+                outcomes[path.name] = f"unhandled {type(error).__name__}"
+
+        worker = threading.Thread(target=load, daemon=True)
+        worker.start()
+        worker.join(10)
+        if worker.is_alive():  # unblock the FIFO reader before failing
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            pytest.fail(f"{path.name}: load() still blocked after 10 s")
+    record("library paths that are not files", tried=len(outcomes),
+           refused=sum(o.startswith(str(tmp_path)) for o in outcomes.values()))
+    for name, outcome in outcomes.items():
+        assert outcome.startswith(str(tmp_path / name)) and "\n" not in outcome, (name, outcome)
+
+
 # ======================================================================================
 # 3. bad training images through the CLI
 # ======================================================================================
