@@ -5,6 +5,9 @@ The model is the embedded one unless SHARE_TEST_MODEL points elsewhere (same arc
 """
 
 import os
+import socket
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -186,6 +189,10 @@ def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):
     assert "no style named 'Nope'" in error_of(cb.export_lora, "Nope", "kohya")
     assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["Neon"]
 
+    without_library = StudioCallbacks(cb.pipe, None, tmp_path / "out2", work_dir=tmp_path / "work2")
+    assert "--library" in error_of(without_library.train, example_files("neon"), "Ink", "", "quick", *FEW_STEPS)
+    assert without_library.refresh_styles()[0]["choices"] == [("none", NO_STYLE)]
+
 
 def test_cancel_stops_the_training_and_generation_stays_usable_meanwhile(cb):
     updates = cb.train(example_files("neon"), "Neon", "", "quick", 5000, 1e-3, 4, 8, 2, 0)
@@ -224,3 +231,17 @@ def test_build_app_opens_the_library_and_lists_its_styles(pipe, tmp_path):
     events = {fn.api_name: fn for fn in demo.fns.values()}
     assert events["train"].concurrency_limit == 1 and events["generate"].concurrency_limit == 1
     assert events["train"].concurrency_id != events["generate"].concurrency_id  # generating while training
+
+
+def test_launch_reports_a_damaged_library_in_one_line(tmp_path):
+    damaged = tmp_path / "library.safetensors"
+    damaged.write_bytes(b"\x00" * 100)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    result = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--model", MODEL, "--library", str(damaged),
+                             "--port", str(port)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("launch.py:")]
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and str(damaged) in lines[0], result.stderr
+    assert damaged.read_bytes() == b"\x00" * 100
