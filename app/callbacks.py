@@ -461,7 +461,7 @@ class StudioCallbacks:
         def on_preview(step: int, images: list) -> None:
             paths = [preview_dir / f"step{step:05d}-{i}.png" for i in range(len(images))]
             for image, path in zip(images, paths):
-                models.save_png(image, path, {"prompt": with_trigger("", trigger or default_trigger(name)), "step": step})
+                models.save_png(image, path, {"style": name, "training_step": step, "seed": 0})
             events.put(("preview", step, paths))
 
         def work() -> None:
@@ -476,7 +476,7 @@ class StudioCallbacks:
 
         worker = threading.Thread(target=work, name=f"train-{name}", daemon=True)
         previews: list[tuple[str, str]] = []
-        status = f"Training **{name}**: loading {folder.name} images…"
+        status = f"Training **{name}**: preparing the images…"
         worker.start()
         try:
             yield status, previews, comparison, []
@@ -512,6 +512,8 @@ class StudioCallbacks:
                 gr.Warning(str(error))
                 yield f"Cancelled: {error}", previews, comparison, []
                 return
+            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            yield f"**{name}** was not learned: {first_line}", previews, comparison, []
             raise error
         result = outcome["result"]
         skipped = f" {len(result.rejected)} rejected file(s) were skipped (see the list)." if result.rejected else ""
