@@ -39,6 +39,7 @@ import logging
 import os
 import platform
 import sys
+import textwrap
 import time
 import warnings
 from collections import Counter
@@ -396,7 +397,7 @@ def switch_table(switching: dict) -> tuple[str, list[dict]]:
             a = median(ours[key])
             b = median(theirs[key]) if theirs else None
             entries.append(dict(operation=key, styles=int(n), share_s=a, diffusers_s=b, ratio=b / a if b else None))
-            theirs_text = f"{ms(b)} | {ratio(b / a)}" if b else "not run | –"
+            theirs_text = f"{ms(b)} | {ratio(b / a)}" if b else "not run (see above) | –"
             lines.append(f"| {label} | {n} | {ms(a)} | {theirs_text} |")
     return "\n".join(lines), entries
 
@@ -431,10 +432,13 @@ def build_report(results: dict) -> tuple[str, dict]:
         "memory) with the same styles exported by `export_lora(..., format=\"diffusers\")` (rank "
         f"{STYLE_RANK}, UNet keys only) and loaded with `pipe.load_lora_weights(state_dict, adapter_name=...)`; "
         "switching is `pipe.set_adapters`, fusing `pipe.fuse_lora(components=['unet'], adapter_names=[style])`. "
-        f"Medians of {settings['switch_repeats']} switches (fuse/unfuse: {max(3, settings['switch_repeats'] // 4)}).",
+        f"Medians of {settings['switch_repeats']} switches (fuse/unfuse: {max(3, settings['switch_repeats'] // 4)}). "
+        f"diffusers was run with up to {settings['lora_max_styles']} adapters loaded"
+        f"{' (--quick: loading 100 adapters one by one takes minutes, each load slower than the last)' if settings['lora_max_styles'] < LIBRARY_SIZES[-1] else ''}; "
+        "adapters beyond the two that are switched are copies of one exported style under other names.",
         table,
         f"Switching to a style that is **not loaded** in diffusers (`load_lora_weights` from the in-memory "
-        f"state dict + `set_adapters`): {ms(median(load['load']))} ms (median of {len(load['load'])}), "
+        f"state dict + `set_adapters`, 2 adapters loaded): {ms(median(load['load']))} ms (median of {len(load['load'])}), "
         f"{ratio(median(load['load']) / share_switch)} a Share switch with {LIBRARY_SIZES[0]} styles loaded "
         "(a Share library always holds all its styles).",
     ]
@@ -467,7 +471,7 @@ def build_report(results: dict) -> tuple[str, dict]:
         "## Denoising step",
         f"One UNet call at {settings['denoise_latent']}×{settings['denoise_latent']} latents "
         f"({settings['denoise_latent'] * 8} px), batch 1 with classifier-free guidance (batch 2), "
-        f"{settings['dtype']}, torch.inference_mode; the conditions are interleaved, {settings['rounds']} rounds "
+        f"{settings['dtype']}, torch.inference_mode; the conditions are interleaved, {settings['rounds']} round(s) "
         "after one warm-up call, order rotated each round. Share library: "
         f"{LIBRARY_SIZES[-1]} styles.",
         "\n".join(lines),
@@ -537,16 +541,21 @@ def plot(ratios: dict, path: Path, title: str) -> None:
 
     names, values = list(ratios), list(ratios.values())
     fig, ax = plt.subplots(figsize=(9, 0.38 * len(names) + 1.4))
-    colors = ["tab:green" if ("/ Share" in n and v >= 1) or ("Share /" in n and v <= 1) else "tab:red" for n, v in zip(names, values)]
-    ax.barh(range(len(names)), values, color=colors)
+    def color(name: str, value: float) -> str:
+        if name.startswith("denoise"):
+            return "tab:gray"  # overhead against the base UNet, 1 = none
+        favourable = value >= 1 if "/ Share" in name else value <= 1
+        return "tab:green" if favourable else "tab:red"
+
+    ax.barh(range(len(names)), values, color=[color(n, v) for n, v in zip(names, values)])
     ax.set_xscale("log")
     ax.axvline(1, color="black", linewidth=0.8)
     ax.set_yticks(range(len(names)), names, fontsize=8)
     ax.invert_yaxis()
     for i, v in enumerate(values):
         ax.text(v, i, f" {v:.3g}", va="center", fontsize=7)
-    ax.set_xlabel("ratio (log scale; green = in Share's favour)")
-    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("ratio, log scale (green: in Share's favour, red: against, gray: vs the base UNet, 1 = no overhead)", fontsize=8)
+    ax.set_title("\n".join(textwrap.wrap(title, 110)), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -565,9 +574,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
     parser.add_argument("--denoise-latent", type=int, default=64, help="latent side of the denoising step (64 = 512 px)")
     parser.add_argument("--train-latent", type=int, default=64, help="latent side of the training step")
-    parser.add_argument("--rounds", type=int, default=None, help="denoising rounds (quick 2, else 5)")
+    parser.add_argument("--rounds", type=int, default=None, help="denoising rounds (quick 3, else 5)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed training steps per method (quick 2, else 5)")
     parser.add_argument("--switch-repeats", type=int, default=None, help="switches timed (quick 20, else 50)")
+    parser.add_argument(
+        "--lora-max-styles", type=int, default=None,
+        help="most diffusers adapters loaded for the switch test (quick 10, else 100: loading 100 takes minutes)",
+    )  # fmt: skip
     parser.add_argument("--no-lora-denoise", action="store_true", help="skip the diffusers LoRA reference in the denoising step")
     parser.add_argument("--merge-from", type=Path, default=None, help="read merge rows from a merge.json instead of rerunning")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -579,9 +592,10 @@ def main() -> None:
     dtype = DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")]
     if args.threads:
         torch.set_num_threads(args.threads)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)
     train_steps = args.train_steps or (2 if args.quick else 5)
     switch_repeats = args.switch_repeats or (20 if args.quick else 50)
+    lora_max_styles = args.lora_max_styles or (LIBRARY_SIZES[0] if args.quick else LIBRARY_SIZES[-1])
     clock = Clock(device)
     command = "python -m benchmarks.perf" + "".join(f" {a}" for a in sys.argv[1:])
     log(f"{command}: torch threads {torch.get_num_threads()}, {device}, {dtype}")
@@ -640,7 +654,7 @@ def main() -> None:
     pipe.load_lora_weights(dict(state_b), adapter_name=style_name(1))
     loading = diffusers_loading(pipe, state_a, clock, max(3, switch_repeats // 4))
     loaded = 2
-    for n in LIBRARY_SIZES:
+    for n in (n for n in LIBRARY_SIZES if n <= lora_max_styles):
         for i in range(loaded, n):  # further styles: copies of style A under other names
             pipe.load_lora_weights(dict(state_a), adapter_name=style_name(i))
         loaded = n
@@ -746,6 +760,7 @@ def main() -> None:
         rounds=rounds,
         train_steps=train_steps,
         switch_repeats=switch_repeats,
+        lora_max_styles=lora_max_styles,
     )
     results = dict(
         command=command,
