@@ -138,20 +138,21 @@ def image_batch(make_image, rng: np.random.Generator, batch_size: int) -> torch.
     return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
 
 
-def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 16) -> None:
+def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3) -> None:
     rng = np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    peak_lr = lr
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
     start, step = time.time(), 0
     budget = minutes * 60
     while step < max_steps and time.time() - start < budget:
-        lr = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget)))
+        lr = peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget)))
         for group in optimizer.param_groups:
             group["lr"] = max(lr, 2e-5)
         images = image_batch(world.vae_training_image, rng, batch_size)
         with MIXED_PRECISION:
             posterior = vae.encode(images).latent_dist
-            recon = vae.decode(posterior.sample()).sample.float()
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+            recon = vae.decode(posterior.mode()).sample.float()
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.mean.square().sum(dim=(1, 2, 3)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -159,6 +160,20 @@ def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, bat
         if step % 100 == 0:
             print(f"vae step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
     print(f"vae: {step} steps in {time.time() - start:.0f}s", flush=True)
+
+
+@torch.no_grad()
+def make_deterministic(vae: AutoencoderKL) -> None:
+    """Pin the posterior's log-variance at its floor: the VAE was trained on the posterior mean.
+
+    Decoding samples with unit variance in early training hides the image from the decoder and
+    slows learning many times over; as a plain autoencoder it converges in the few thousand
+    steps a CPU allows. Afterwards `latent_dist.sample()` equals the mean, as for SD's own VAE
+    in practice (its std is tiny).
+    """
+    channels = vae.config.latent_channels
+    vae.quant_conv.weight[channels:] = 0
+    vae.quant_conv.bias[channels:] = -30.0
 
 
 @torch.no_grad()
@@ -255,7 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unet-minutes", type=float, default=45)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--vae-from", type=Path, default=None, help="reuse a trained VAE folder and skip stage 1")
+    parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
+    parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, for tests")
     args = parser.parse_args(argv)
     if args.threads:
@@ -264,11 +280,10 @@ def main(argv: list[str] | None = None) -> None:
     max_steps = 3 if args.smoke else 10**9
 
     tokenizer = write_tokenizer(args.out / "tokenizer")
-    if args.vae_from:
-        vae = AutoencoderKL.from_pretrained(args.vae_from)
-    else:
-        vae = build_vae()
-        train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 16)
+    vae = AutoencoderKL.from_pretrained(args.vae_from) if args.vae_from else build_vae()
+    if args.vae_minutes > 0:
+        train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=args.vae_lr)
+        make_deterministic(vae)
         set_latent_scale(vae, args.seed)
         vae.save_pretrained(args.out / "vae")
     vae.eval().requires_grad_(False)
