@@ -31,6 +31,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import save as save_safetensors_bytes
 
+try:
+    import fcntl
+except ImportError:  # Windows: the exclusively created lock file alone
+    fcntl = None
+
 from .models import ShareStudioError
 from .share import ShareConfig
 
@@ -371,10 +376,14 @@ def _sync_directory(directory: Path) -> None:
 
 
 class LibraryLock:
-    """`<file>.lock`, created exclusively, so that two processes never write one library at once.
+    """`<file>.lock`, so that two processes never write one library at once.
 
-    A lock left by a process that no longer runs is taken over. Within one process, a lock held by
-    another LibraryLock (another Studio, another thread) is refused like one held by another process.
+    Where fcntl exists (Linux, macOS) the lock is an flock on that file: the system releases it when
+    its process ends, however it ends, so a crashed holder never blocks anyone, and no check-then-act
+    race exists between two processes. Elsewhere the file is created exclusively, and a lock left by a
+    process that no longer runs is taken over. Within one process, a lock held by another LibraryLock
+    (another Studio, another thread) is refused like one held by another process. The file holds the
+    holder's pid, for the message.
     """
 
     _held_here: set[str] = set()  # lock files held by this process
@@ -399,6 +408,8 @@ class LibraryLock:
         return self
 
     def _take(self) -> None:
+        if fcntl is not None:
+            return self._take_flock()
         for _ in range(2):
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -418,10 +429,43 @@ class LibraryLock:
             return
         raise LibraryLockedError(f"could not take the lock {self.path}")
 
+    def _take_flock(self) -> None:
+        for _ in range(10):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise LibraryLockedError(
+                    f"{self.path.with_suffix('')} is being changed by another Share Studio process "
+                    f"(pid {self._owner() or 'unknown'}); wait for it to finish"
+                ) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            try:  # the holder before us removes the file on release: then we locked an orphan
+                current = os.stat(self.path)
+                ours = os.fstat(fd)
+                same = (current.st_dev, current.st_ino) == (ours.st_dev, ours.st_ino)
+            except FileNotFoundError:
+                same = False
+            if not same:
+                os.close(fd)
+                continue
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._fd = fd
+            self.held = True
+            return
+        raise LibraryLockedError(f"could not take the lock {self.path}")
+
     def __exit__(self, *exc) -> None:
         if self.held:
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                self.path.unlink()  # before releasing the flock, so that a waiter sees it is gone
+            if getattr(self, "_fd", None) is not None:
+                os.close(self._fd)
+                self._fd = None
             self.held = False
             with self._held_here_guard:
                 self._held_here.discard(self._key)
