@@ -327,6 +327,55 @@ def test_two_writers_in_one_process_never_corrupt_the_file(tmp_path):
     assert results["saved"] >= 2 and sha(path.read_bytes()) in hashes
 
 
+def overlaps(intervals: list[tuple[int, int]]) -> int:
+    """How many (start, end) intervals begin before the one before them ended."""
+    ordered = sorted(intervals)
+    return sum(1 for before, after in zip(ordered, ordered[1:]) if after[0] < before[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_lock_excludes_two_processes_hammering_it(tmp_path):
+    """Regression: the lock file was created empty and filled with the pid after; a second process
+    reading it in between took it over as stale (4 overlaps in 4,000 acquisitions before the fix)."""
+    path = tmp_path / "lib.safetensors"
+    each = 10_000 if FULL else 1_000
+    workers = []
+    for worker in range(2):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                with open(tmp_path / f"worker{worker}.log", "w") as log:
+                    taken = refused = 0
+                    while taken < each:
+                        try:
+                            with LibraryLock(path):
+                                start = time.monotonic_ns()
+                                time.sleep(0)
+                                end = time.monotonic_ns()
+                            log.write(f"{start} {end}\n")
+                            taken += 1
+                        except LibraryLockedError:
+                            refused += 1
+                    log.write(f"refused {refused}\n")
+            finally:
+                os._exit(0)
+        workers.append(pid)
+    for pid in workers:
+        os.waitpid(pid, 0)
+    intervals, refused = [], 0
+    for worker in range(2):
+        for line in (tmp_path / f"worker{worker}.log").read_text().splitlines():
+            first, second = line.split()
+            if first == "refused":
+                refused += int(second)
+            else:
+                intervals.append((int(first), int(second)))
+    record("lock, two processes hammering it", acquisitions=len(intervals), refused=refused,
+           both_inside=overlaps(intervals))
+    assert len(intervals) == 2 * each
+    assert overlaps(intervals) == 0
+
+
 # ======================================================================================
 # 2. hostile and damaged library files
 # ======================================================================================
@@ -583,9 +632,23 @@ def studio(model_dir, tmp_path):
 
 RENAMER = r"""
 import sys, time
-from share_diffusion.library import LibraryLockedError
+from share_diffusion.library import LibraryLock, LibraryLockedError
 from share_diffusion.models import load_pipeline
 from share_diffusion.studio import Studio
+
+inside = []  # (entered, left) of every lock this process held, in CLOCK_MONOTONIC ns
+enter, leave = LibraryLock.__enter__, LibraryLock.__exit__
+
+def entering(self):
+    lock = enter(self)
+    self.entered = time.monotonic_ns()
+    return lock
+
+def leaving(self, *exc):
+    inside.append((self.entered, time.monotonic_ns()))
+    return leave(self, *exc)
+
+LibraryLock.__enter__, LibraryLock.__exit__ = entering, leaving
 
 def rename_all(studio, me, count):
     refused = 0
@@ -605,6 +668,7 @@ if __name__ == "__main__":
     print("ready", flush=True)
     sys.stdin.readline()
     print("done", rename_all(studio, me, count), flush=True)
+    print(" ".join(f"{a},{b}" for a, b in inside), flush=True)
 """
 
 
@@ -618,21 +682,26 @@ def test_two_studios_in_two_processes_lose_no_update(studio, model_dir):
     other = subprocess.Popen([sys.executable, "-c", RENAMER, model_dir, str(studio.path), "B", str(count)],
                              cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     namespace = {}
-    exec(RENAMER, namespace)  # rename_all, without running the __main__ part
+    enter, leave = LibraryLock.__enter__, LibraryLock.__exit__
+    exec(RENAMER, namespace)  # rename_all and the lock timing, without running the __main__ part
     try:
         assert other.stdout.readline().strip() == "ready"
         other.stdin.write("go\n")
         other.stdin.flush()
         refused_here = namespace["rename_all"](studio, "A", count)
         refused_there = int(other.stdout.readline().split()[1])
+        inside_there = [tuple(map(int, pair.split(","))) for pair in other.stdout.readline().split()]
         assert other.wait(timeout=120) == 0
     finally:
+        LibraryLock.__enter__, LibraryLock.__exit__ = enter, leave
         other.kill()
         other.wait()
     final = StyleLibrary.load(studio.path)
     names = [s["name"] for s in final.styles]
+    both_inside = overlaps(namespace["inside"] + inside_there)
     record("two studios in two processes", renames_each=count, refused_by_lock=refused_here + refused_there,
-           final_names=names)
+           both_inside_the_lock=both_inside, final_names=names)
+    assert both_inside == 0
     assert names == [f"A-{count}", f"B-{count}"], "an update was lost"
     assert [m["action"] for m in final.meta["merges"]] == ["train", "train"]
 
