@@ -35,7 +35,7 @@ from .library import (
 )
 from .lora_interop import export_lora, read_lora, save_lora
 from .models import generate_images, model_fingerprint
-from .training import TrainingConfig, TrainingProgress, train_style, training_unet, with_trigger
+from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
 CLASH_POLICIES = ("rename", "replace", "skip", "error")
@@ -228,7 +228,7 @@ class Studio:
         """Learn a style from image files or folders and merge it into the library."""
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
-        config = config or TrainingConfig()
+        config = config or training_config(preset)
         resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         image_set = load_training_images(images, resolution)
         image_set.require_some()

@@ -229,3 +229,25 @@ def test_cli_train_list_generate_export_remove(tmp_path):
     assert len(missing.stderr.strip().splitlines()) == 1 and "no style named 'Nope'" in missing.stderr
     run_cli("remove", *common, "--style", "Hatching")
     assert '"styles": []' in run_cli("list", "--library", library, "--json").stdout
+
+
+def border_luminance(image) -> float:
+    pixels = np.asarray(image, dtype=np.float32) / 255
+    border = np.concatenate([pixels[:4].reshape(-1, 3), pixels[-4:].reshape(-1, 3)])
+    return float(border.mean())
+
+
+def test_quick_preset_learns_a_style(studio):
+    """The quick preset learns "neon" (shapes glowing on black) from its 12 demo images."""
+    result = studio.train(sorted((EXAMPLES / "neon").glob("*.png")), "Neon", trigger="neon", preset="quick")
+    assert result.rejected == []
+    prompts = ["a red circle on a blue background", "a yellow square on a green background",
+               "a white triangle on a pink background", "a blue diamond on a orange background"]
+    styled, plain = [], []
+    for prompt in prompts:
+        for seed in (0, 1):
+            styled.append(border_luminance(studio.generate(prompt, style="Neon", seed=seed, steps=20)[0][0]))
+            plain.append(border_luminance(studio.generate(prompt, seed=seed, steps=20)[0][0]))
+    # Neon images have black backgrounds; the base model paints the prompted (bright) background.
+    assert max(styled) < min(plain), (styled, plain)
+    assert np.mean(styled) < 0.15 < np.mean(plain)
