@@ -805,8 +805,8 @@ def plot(results: dict, settings: Settings, prefix: Path) -> None:
 
     styles = list(settings.styles)
     methods = results["methods"]
-    figure, axes = plt.subplots(1, len(METHODS), figsize=(4.2 * len(METHODS), 4.2))
-    for axis, method in zip(axes, METHODS):
+    figure, axes = plt.subplots(2, 2, figsize=(9.5, 9.5))
+    for axis, method in zip(axes.flat, METHODS):
         matrix = np.array([[np.nan if x is None else x for x in row] for row in methods[method]["accuracy_matrix"]])
         axis.imshow(matrix, vmin=0, vmax=1, cmap="viridis")
         for t in range(len(styles)):
@@ -820,7 +820,7 @@ def plot(results: dict, settings: Settings, prefix: Path) -> None:
         m = methods[method]
         axis.set_title(f"{m['name']}\navg {m['final_average_accuracy']:.2f}, forgetting {m['average_forgetting']:.2f}", fontsize=9)
     figure.tight_layout()
-    figure.savefig(f"{prefix}_accuracy.png", dpi=110)
+    figure.savefig(f"{prefix}_accuracy.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
 
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
@@ -849,7 +849,7 @@ def plot(results: dict, settings: Settings, prefix: Path) -> None:
     axis.legend(fontsize=7)
     axis.set_title(f"{len(styles)} styles: storage vs quality")
     figure.tight_layout()
-    figure.savefig(f"{prefix}_tradeoff.png", dpi=110)
+    figure.savefig(f"{prefix}_tradeoff.png", dpi=110, bbox_inches="tight")
     plt.close(figure)
 
     samples = results.get("_samples")
@@ -873,7 +873,7 @@ def plot(results: dict, settings: Settings, prefix: Path) -> None:
         axes[0, 0].set_yticks([])
         axes[0, 0].set_ylabel("base model,\nplain prompts", fontsize=6, rotation=0, ha="right", va="center")
         figure.tight_layout()
-        figure.savefig(f"{prefix}_samples.png", dpi=100)
+        figure.savefig(f"{prefix}_samples.png", dpi=100, bbox_inches="tight")
         plt.close(figure)
 
 
