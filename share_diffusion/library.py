@@ -346,11 +346,17 @@ def write_atomically(path: Path, data: bytes, keep_backup: bool) -> None:
         if keep_backup and path.exists():
             backup = path.with_name(path.name + ".bak")
             backup_temporary = path.with_name(f".{path.name}.{unique}.bak.tmp")
+            with contextlib.suppress(FileNotFoundError):  # a leftover may be a hard link to the backup
+                backup_temporary.unlink()
             try:
                 os.link(path, backup_temporary)
             except OSError:
                 _write_synced(backup_temporary, path.read_bytes())
             os.replace(backup_temporary, backup)
+            # After a crash between the two renames, path and backup are one file: then the rename
+            # above does nothing (POSIX) and the temporary name stays; remove it.
+            with contextlib.suppress(FileNotFoundError):
+                backup_temporary.unlink()
         os.replace(temporary, path)
         _sync_directory(path.parent)
     except BaseException:
