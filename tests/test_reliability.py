@@ -261,8 +261,32 @@ def test_sigkill_at_each_step_of_a_save(tmp_path, step):
     assert content_hash(StyleLibrary.load(path)) == content_hash(versions[expect_file])
     assert content_hash(StyleLibrary.load(tmp_path / "library.safetensors.bak")) == content_hash(versions[expect_backup])
     record(f"sigkill at: {step}", file=expect_file, backup=expect_backup, outcome="as expected")
-    new.save(path)  # whatever was left behind, the next save and load work
+    for library in (new, old, new):  # whatever was left behind, the next saves and loads work
+        library.save(path)
     assert content_hash(StyleLibrary.load(path)) == content_hash(new)
+    assert content_hash(StyleLibrary.load(tmp_path / "library.safetensors.bak")) == content_hash(old)
+    links = {p.name: p.stat().st_nlink for p in tmp_path.iterdir() if f".{os.getpid()}." in p.name or "stray" in p.name}
+    assert links == {}, f"this process left {links}"
+    assert path.stat().st_nlink == 1 and (tmp_path / "library.safetensors.bak").stat().st_nlink == 1
+
+
+def test_saves_after_a_crash_between_the_two_renames_never_rewrite_the_backup_in_place(tmp_path):
+    """Regression (found by the random kills): a crash between the renames leaves the file and its
+    backup as one inode; the backup rename of the next save then did nothing (POSIX rename of two
+    links to one file), its temporary hard link stayed, and the following save of that process
+    truncated and rewrote the backup's inode in place: a kill then left a 0-byte backup."""
+    path = tmp_path / "lib.safetensors"
+    first, second, third = (make_library(styles=n, seed=n) for n in (1, 2, 3))
+    first.save(path)
+    os.link(path, tmp_path / "lib.safetensors.bak")  # what the crash leaves
+    second.save(path)
+    witness = tmp_path / "witness"
+    os.link(tmp_path / "lib.safetensors.bak", witness)  # another name for the backup's inode
+    before = witness.read_bytes()
+    third.save(path)
+    assert witness.read_bytes() == before, "the backup was rewritten in place, not replaced"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.safetensors", "lib.safetensors.bak", "witness"]
+    assert content_hash(StyleLibrary.load(tmp_path / "lib.safetensors.bak")) == content_hash(second)
 
 
 def read_all(fd: int) -> bytes:
