@@ -124,7 +124,7 @@ def save_forever(path: Path, libraries, ready_fd: int, saved_fd: int) -> None:
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_sigkill_at_random_moments_of_saving_leaves_old_or_new_library(tmp_path):
     """A saving process is killed at random points; the file always loads and equals one version."""
-    trials = 200 if FULL else 10
+    trials = 500 if FULL else 10
     old, new = realistic_pair()
     expected = {content_hash(old): "old", content_hash(new): "new"}
     path = tmp_path / "library.safetensors"
