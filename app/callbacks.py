@@ -442,6 +442,16 @@ class StudioCallbacks:
         if not config.learning_rate > 0:
             raise ValueError("the learning rate must be above 0")
 
+        cancel = threading.Event()
+        self._cancel = cancel
+        try:
+            yield from self._train(studio, folder, name, trigger, preset, config, cancel, progress)
+        finally:
+            if self._cancel is cancel:
+                self._cancel = None
+
+    def _train(self, studio: Studio, folder: Path, name: str, trigger: str | None, preset: str | None, config,
+               cancel: threading.Event, progress) -> Iterator[tuple]:
         # Earlier styles, before the merge: rendered now with the main pipeline (training uses a copy).
         compared = studio.style_names()[-MAX_COMPARED_STYLES:]
         comparison: list[tuple[str, str]] = []
@@ -449,13 +459,15 @@ class StudioCallbacks:
         for number, earlier in enumerate(compared, 1):
             progress((number - 1, len(compared)), desc="Rendering earlier styles before the merge")
             yield f"Rendering earlier styles before the merge ({number}/{len(compared)})…", [], comparison, []
+            if cancel.is_set():
+                gr.Warning("training cancelled before it started; the library is unchanged")
+                yield "Cancelled before the training started; the library is unchanged.", [], comparison, []
+                return
             path = self.render_sample(earlier, before_dir / f"{number:02d}-before.png")
             comparison.append((str(path), f"{earlier} · before"))
 
         events: queue.Queue = queue.Queue()
         outcome: dict = {}
-        cancel = threading.Event()
-        self._cancel = cancel
         preview_dir = self._new_dir("previews")
 
         def on_preview(step: int, images: list) -> None:
@@ -504,7 +516,6 @@ class StudioCallbacks:
             if worker.is_alive():  # the page went away: stop the training, which rolls back
                 cancel.set()
                 worker.join()
-            self._cancel = None
 
         if "error" in outcome:
             error = outcome["error"]

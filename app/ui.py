@@ -67,7 +67,7 @@ def _generate_tab(cb: StudioCallbacks) -> dict:
                 c["used_seed"] = gr.Number(label="Used seed", value=None, precision=0, interactive=False, min_width=120,
                                            elem_id="used-seed")
             with gr.Row():
-                c["random_seed"] = gr.Button("Random seed", size="sm", min_width=100)
+                c["random_seed"] = gr.Button("Random seed", size="sm", min_width=100, elem_id="random-seed")
                 c["reuse_seed"] = gr.Button("Reuse used seed", size="sm", min_width=100)
             c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="generate-steps")
             c["guidance"] = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG scale)")

@@ -150,6 +150,26 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     assert models.read_png_metadata(saved_png)["styles"] == {"Neon Test": 1.0}  # metadata survives the download
     screenshot(page, tmp_path, "generate.png")
 
+    # A long training: generating still works meanwhile, and Cancel leaves the library as it was.
+    page.get_by_role("tab", name="Train").click()
+    page.click("#example-mosaic")
+    page.locator("#upload-summary", has_text="12 usable images").wait_for()
+    set_advanced_training(page, steps=5000, preview_every=0)
+    page.click("#train-button")
+    page.locator("#train-status", has_text="Training Mosaic: step").wait_for()
+    page.get_by_role("tab", name="Generate").click()
+    note = page.locator("#generate-note")
+    before = note.inner_text()
+    page.click("#random-seed")
+    page.click("#generate-button")
+    sync_api.expect(note).not_to_have_text(before, timeout=TIMEOUT_MS)
+    assert "neonglow style" in note.inner_text()
+    assert demo.share_callbacks._cancel is not None  # the training is still running
+    page.get_by_role("tab", name="Train").click()
+    page.click("#cancel-button")
+    page.locator("#train-status", has_text="Cancelled").wait_for()
+    assert demo.share_studio.style_names() == ["Hatching", "Neon Test"]
+
     # Library tab: both styles listed; export the library file and load the download.
     page.get_by_role("tab", name="Library").click()
     table = page.locator("#library-table")
