@@ -16,7 +16,6 @@ inverse of diffusers' own converters.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -41,61 +40,28 @@ def _limit_torch_threads() -> None:
 
 _limit_torch_threads()
 
-TINY_MAX_LENGTH = 77
-TINY_MERGES = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("an", "d</w>"), ("o", "f</w>"), ("s", "t")]
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2/CLIP reversible byte -> printable unicode character table."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, (chr(c) for c in cs)))
-
-
-def write_tiny_tokenizer_files(folder: Path) -> tuple[Path, Path, dict[str, int]]:
-    """Write a tiny byte-level CLIP vocab.json + merges.txt; returns (vocab, merges, vocab dict)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    chars = list(_bytes_to_unicode().values())
-    tokens = chars + [c + "</w>" for c in chars]
-    tokens += ["".join(pair) for pair in TINY_MERGES]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-    vocab_file = folder / "vocab.json"
-    merges_file = folder / "merges.txt"
-    vocab_file.write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    merges_file.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in TINY_MERGES), encoding="utf-8")
-    return vocab_file, merges_file, vocab
-
-
 def build_tiny_pipeline(workdir: Path):
     """Construct a tiny random StableDiffusionPipeline (real diffusers/transformers objects)."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from share_diffusion.pretrain import write_tokenizer
 
     torch.manual_seed(0)
-    vocab_file, merges_file, vocab = write_tiny_tokenizer_files(workdir / "_tokenizer_src")
-    # transformers 5: CLIPTokenizer(vocab_file=...) is gone; from_pretrained reads vocab.json + merges.txt.
-    tokenizer = CLIPTokenizer.from_pretrained(str(vocab_file.parent), model_max_length=TINY_MAX_LENGTH)
-    assert len(tokenizer) == len(vocab), "tiny tokenizer did not pick up vocab.json"
+    tokenizer = write_tokenizer(workdir / "_tokenizer_src")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(vocab),
+            vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=64,
             projection_dim=32,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=TINY_MAX_LENGTH,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
+            max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
     unet = UNet2DConditionModel(
