@@ -77,6 +77,13 @@ def check_style_name(name: object) -> str:
     return name
 
 
+def style_name_from(text: str, fallback: str = "Imported style") -> str:
+    """A valid style name made from free text such as a file name."""
+    kept = "".join(" " if unicodedata.category(c).startswith("C") or c in "/\\" else c for c in text)
+    name = " ".join(kept.split())[:MAX_NAME_LENGTH].strip()
+    return name or fallback
+
+
 def check_trigger(trigger: object) -> str:
     trigger = check_style_name(trigger)
     if not re.fullmatch(r"[\w\- ]+", trigger):

@@ -30,6 +30,7 @@ from .library import (
     default_trigger,
     lora_file_bytes,
     new_metadata,
+    style_name_from,
     utc_now,
     write_atomically,
 )
@@ -102,12 +103,12 @@ class Studio:
                 )
         share.set_active_styles(unet, None)
 
-    def _current_file_version(self):
+    def _current_file_version(self) -> str | None:
+        """A hash of the file's bytes: exact, where modification times and sizes can collide."""
         try:
-            stat = self.path.stat()
+            return hashlib.sha256(self.path.read_bytes()).hexdigest()
         except FileNotFoundError:
             return None
-        return (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
     # --- reading --------------------------------------------------------------------------
 
@@ -133,9 +134,8 @@ class Studio:
         }
 
     def library_hash(self) -> str:
-        if not self.path.exists():
-            return "empty"
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        """The hash of the library as this process last loaded or saved it."""
+        return self._file_version[:12] if self._file_version else "empty"
 
     def generate(self, prompt: str, style: str | None = None, strength: float = 1.0,
                  mix: dict[str, float] | None = None, add_trigger: bool = True, **options) -> tuple[list, dict]:
@@ -271,7 +271,8 @@ class Studio:
                 if "not a Share Studio style library" not in str(error):
                     raise
                 factors, _, info = read_lora(path, self.pipe.unet)
-                incoming.append((path.stem, default_trigger(path.stem), factors, {"source": f"LoRA {path.name}", **info}))
+                name = style_name_from(path.stem)
+                incoming.append((name, default_trigger(name), factors, {"source": f"LoRA {path.name}", **info}))
                 continue
             self._check_base_model(other, source=str(path))
             for record in other.styles:
