@@ -144,10 +144,12 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
             c["status"] = gr.Markdown(elem_id="train-status")
             c["cancel_note"] = gr.Markdown()
-            c["previews"] = gr.Gallery(label="Previews while training", columns=4, height=200, elem_id="train-previews")
+            c["previews"] = gr.Gallery(label="Previews while training", columns=4, fit_columns=False, height=200,
+                                       elem_id="train-previews")
     gr.Markdown("**Earlier styles before → after the merge** (same prompt and seed), and their reconstruction errors:")
     with gr.Row():
-        c["comparison"] = gr.Gallery(label="Before / after", columns=4, height=240, elem_id="train-comparison")
+        c["comparison"] = gr.Gallery(label="Before / after", columns=4, fit_columns=False, height=260,
+                                         elem_id="train-comparison")
         c["errors"] = gr.Dataframe(headers=["style", "error before", "error after"], value=[], interactive=False,
                                    label="Reconstruction error of earlier styles", elem_id="train-errors")
 
