@@ -130,13 +130,18 @@ def run_merge(quick: bool, from_json: Path | None) -> dict:
         rows, source = saved["layers"], f"read from {from_json} (`{saved['command']}`), not rerun"
     else:
         repeats_ours, repeats_eig = (3, 1) if quick else (5, 3)
-        merge_bench.warm_up()
-        rows = []
-        for d_out, d_in in sorted(shapes):
-            rows += merge_bench.bench_shape(d_out, d_in, share.ShareConfig(), repeats_ours, repeats_eig)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # as benchmarks.merge: small LAPACK calls are steadier on one thread
+        try:
+            merge_bench.warm_up()
+            rows = []
+            for d_out, d_in in sorted(shapes):
+                rows += merge_bench.bench_shape(d_out, d_in, share.ShareConfig(), repeats_ours, repeats_eig)
+        finally:
+            torch.set_num_threads(threads)
         source = (
-            f"rerun now with benchmarks.merge.bench_shape (best of {repeats_ours} ours, {repeats_eig} eig); "
-            "full results: benchmarks/results/merge.md"
+            f"rerun now with benchmarks.merge.bench_shape, 1 torch thread as in benchmarks.merge (best of "
+            f"{repeats_ours} ours, {repeats_eig} eig); per-shape results: benchmarks/results/merge.md"
         )
     summary, _ = merge_bench.summary_table(rows, shapes)
     return dict(source=source, shapes={f"{o}x{i}": n for (o, i), n in shapes.items()}, rows=rows, summary=summary)
