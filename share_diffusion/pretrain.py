@@ -1,13 +1,15 @@
 """Pretrain the embedded base model on the procedural world, from scratch, on a CPU.
 
-    python -m share_diffusion.pretrain --out assets/base-model --vae-minutes 25 --unet-minutes 45
+    python -m share_diffusion.pretrain --out assets/base-model --vae-minutes 25 --unet-minutes 45 --decoder-minutes 20
 
-Two stages:
+Three stages:
 1. The VAE (64x64 RGB -> 16x16x4 latents) learns to reconstruct a broad mix of images
    (`world.vae_training_image`): plain scenes, styled scenes and textures, so it can represent
    styles that users teach later. Its latent scaling factor is set from the data.
 2. The UNet and the text encoder learn, jointly, to denoise latents of plain captioned scenes
    (noise prediction, 10% caption dropout for classifier-free guidance). No style is shown to them.
+3. The VAE decoder alone is trained further. The encoder is frozen, so the latents the UNet
+   learned stay valid while the images get sharper.
 
 `--smoke` runs a few steps of each stage (used by the tests).
 """
@@ -162,6 +164,32 @@ def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, bat
     print(f"vae: {step} steps in {time.time() - start:.0f}s", flush=True)
 
 
+def train_decoder(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 3e-4) -> None:
+    """Stage 3: sharpen the decoder alone. The encoder, and so every latent the UNet learned, stays fixed."""
+    vae.requires_grad_(False)
+    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    for parameter in decoder:
+        parameter.requires_grad_(True)
+    rng = np.random.default_rng(seed + 3)
+    optimizer = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
+    start, step = time.time(), 0
+    while step < max_steps and time.time() - start < minutes * 60:
+        images = image_batch(world.vae_training_image, rng, batch_size)
+        with torch.no_grad(), MIXED_PRECISION:
+            latents = vae.encode(images).latent_dist.mode()
+        with MIXED_PRECISION:
+            recon = vae.decode(latents.float()).sample.float()
+        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        step += 1
+        if step % 100 == 0:
+            print(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+    vae.requires_grad_(False)
+    print(f"decoder: {step} steps in {time.time() - start:.0f}s", flush=True)
+
+
 @torch.no_grad()
 def make_deterministic(vae: AutoencoderKL) -> None:
     """Pin the posterior's log-variance at its floor: the VAE was trained on the posterior mean.
@@ -268,6 +296,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("assets/base-model"))
     parser.add_argument("--vae-minutes", type=float, default=25)
     parser.add_argument("--unet-minutes", type=float, default=45)
+    parser.add_argument("--decoder-minutes", type=float, default=20, help="stage 3: the VAE decoder alone")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
@@ -294,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
         batch_size=4 if args.smoke else 64, scene_count=64 if args.smoke else 10000,
     )
     ema.copy_to(unet.parameters())
+    if args.decoder_minutes > 0:
+        train_decoder(vae, args.decoder_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8)
     save_pipeline(args.out, vae, text_encoder.eval(), tokenizer, unet.eval())
     print(f"saved the base model to {args.out}", flush=True)
 
