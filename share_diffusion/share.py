@@ -377,7 +377,8 @@ class ShareLinear(nn.Module):
         for n, mix in enumerate(mixes):
             for style, weight in mix.items():
                 weights[n, self.style_ids.index(style)] = weight
-        mix = torch.einsum("nt,tar,tbr->nab", weights * self.scales, self.loadings_a, self.loadings_b)
+        used = weights.any(0).nonzero().flatten()  # only active styles: switching cost stays flat as the library grows
+        mix = torch.einsum("nt,tar,tbr->nab", (weights * self.scales)[:, used], self.loadings_a[used], self.loadings_b[used])
         self.mix = mix if per_item else mix[0]
 
     # --- training -----------------------------------------------------------------------

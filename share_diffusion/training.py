@@ -213,7 +213,9 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig)
 
 @torch.no_grad()
 def preview_images(pipe: StableDiffusionPipeline, unet: torch.nn.Module, prompt: str, seed: int = 0) -> list:
-    preview_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet})
+    # Its own scheduler: the pipeline's may be stepping a user's generation at the same time.
+    scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
+    preview_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     preview_pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     return preview_pipe(prompt, num_inference_steps=15, guidance_scale=4.0, generator=generator).images
