@@ -140,54 +140,40 @@ def image_batch(make_image, rng: np.random.Generator, batch_size: int) -> torch.
     return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
 
 
-def train_vae(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3) -> None:
-    rng = np.random.default_rng(seed)
-    peak_lr = lr
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
+def train_vae(
+    vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
+    decoder_only: bool = False,
+) -> None:
+    """Stage 1 trains the whole VAE; stage 3 (decoder_only) sharpens the decoder alone, so the encoder,
+    and so every latent the UNet learned, stays fixed."""
+    name = "decoder" if decoder_only else "vae"
+    parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else list(vae.parameters())
+    vae.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    rng = np.random.default_rng(seed + 3 if decoder_only else seed)
+    optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
     start, step = time.time(), 0
     budget = minutes * 60
     while step < max_steps and time.time() - start < budget:
-        lr = peak_lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget)))
         for group in optimizer.param_groups:
-            group["lr"] = max(lr, 2e-5)
+            group["lr"] = max(lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget))), 2e-5)
         images = image_batch(world.vae_training_image, rng, batch_size)
-        with MIXED_PRECISION:
-            posterior = vae.encode(images).latent_dist
-            recon = vae.decode(posterior.mode()).sample.float()
-        loss = F.l1_loss(recon, images) + F.mse_loss(recon, images) + 1e-6 * posterior.mean.square().sum(dim=(1, 2, 3)).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        step += 1
-        if step % 100 == 0:
-            print(f"vae step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
-    print(f"vae: {step} steps in {time.time() - start:.0f}s", flush=True)
-
-
-def train_decoder(vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 3e-4) -> None:
-    """Stage 3: sharpen the decoder alone. The encoder, and so every latent the UNet learned, stays fixed."""
-    vae.requires_grad_(False)
-    decoder = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
-    for parameter in decoder:
-        parameter.requires_grad_(True)
-    rng = np.random.default_rng(seed + 3)
-    optimizer = torch.optim.AdamW(decoder, lr=lr, weight_decay=0.0)
-    start, step = time.time(), 0
-    while step < max_steps and time.time() - start < minutes * 60:
-        images = image_batch(world.vae_training_image, rng, batch_size)
-        with torch.no_grad(), MIXED_PRECISION:
+        with torch.set_grad_enabled(not decoder_only), MIXED_PRECISION:
             latents = vae.encode(images).latent_dist.mode()
         with MIXED_PRECISION:
-            recon = vae.decode(latents.float()).sample.float()
+            recon = vae.decode(latents).sample.float()
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+        if not decoder_only:  # keeps the latents' scale in check, like the KL term of a VAE
+            loss = loss + 1e-6 * latents.float().square().sum(dim=(1, 2, 3)).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         step += 1
         if step % 100 == 0:
-            print(f"decoder step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
+            print(f"{name} step {step} loss {loss.item():.4f} {time.time() - start:.0f}s", flush=True)
     vae.requires_grad_(False)
-    print(f"decoder: {step} steps in {time.time() - start:.0f}s", flush=True)
+    print(f"{name}: {step} steps in {time.time() - start:.0f}s", flush=True)
 
 
 @torch.no_grad()
@@ -324,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ema.copy_to(unet.parameters())
     if args.decoder_minutes > 0:
-        train_decoder(vae, args.decoder_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8)
+        train_vae(vae, args.decoder_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=3e-4, decoder_only=True)
     save_pipeline(args.out, vae, text_encoder.eval(), tokenizer, unet.eval())
     print(f"saved the base model to {args.out}", flush=True)
 
