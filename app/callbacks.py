@@ -35,7 +35,7 @@ from PIL import Image
 
 from share_diffusion import models
 from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
-from share_diffusion.library import LibraryError, check_style_name, default_trigger
+from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
 from share_diffusion.studio import CLASH_POLICIES, Studio
 from share_diffusion.training import PRESETS, TrainingCancelled, TrainingProgress, training_config, with_trigger
 
@@ -610,8 +610,7 @@ class StudioCallbacks:
             raise ValueError("choose a style to export")
         if format not in LORA_FORMATS:
             raise ValueError(f"choose a LoRA format: {', '.join(LORA_FORMATS)}")
-        stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
-        out = self._new_dir("exports") / f"{stem}-{format}-lora.safetensors"
+        out = self._new_dir("exports") / f"{file_stem(name)}-{format}-lora.safetensors"
         return str(studio.export_lora(name, out, format=format))
 
     @shown_errors

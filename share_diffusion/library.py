@@ -84,6 +84,15 @@ def style_name_from(text: str, fallback: str = "Imported style") -> str:
     return name or fallback
 
 
+def file_stem(name: str, max_bytes: int = 100) -> str:
+    """A file-name stem from a style name: letters, digits, '-' and '_', at most `max_bytes` in UTF-8,
+    so that any suffix still fits the 255-byte name limit of common file systems."""
+    stem = "".join(c if c.isalnum() or c in "-_" else "_" for c in name)
+    while len(stem.encode("utf-8")) > max_bytes:
+        stem = stem[:-1]
+    return stem or "style"
+
+
 def check_trigger(trigger: object) -> str:
     trigger = check_style_name(trigger)
     if not re.fullmatch(r"[\w\- ]+", trigger):
