@@ -109,8 +109,8 @@ class Settings:
 
 
 # --quick: the same 8 styles, methods and evaluation, but 50 training steps instead of the "quick"
-# preset's 300, 15 sampling steps instead of 20, and the cap sweep at k = 8, 16, 32 only.
-QUICK = dict(steps=50, sampling_steps=15, sweep_caps=(8, 16, 32))
+# preset's 300, 12 sampling steps instead of 20, and the cap sweep at k = 8, 16, 32 only.
+QUICK = dict(steps=50, sampling_steps=12, sweep_caps=(8, 16, 32))
 
 
 # ---------------------------------------------------------------------------------------

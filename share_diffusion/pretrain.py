@@ -223,6 +223,7 @@ def train_unet(
     seed: int,
     batch_size: int = 64,
     scene_count: int = 10000,
+    lr: float = 5e-4,
 ) -> EMAModel:
     rng = np.random.default_rng(seed + 1)
     torch.manual_seed(seed)
@@ -231,14 +232,14 @@ def train_unet(
     noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
     ema = EMAModel(unet.parameters(), decay=0.999)
     params = list(unet.parameters()) + list(text_encoder.parameters())
-    optimizer = torch.optim.AdamW(params, lr=5e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     start, step = time.time(), 0
     budget = minutes * 60
     while step < max_steps and time.time() - start < budget:
         progress = min(1.0, (time.time() - start) / budget)
-        lr = 5e-4 * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
+        step_lr = lr * min(1.0, (step + 1) / 200) * 0.5 * (1 + math.cos(math.pi * progress))
         for group in optimizer.param_groups:
-            group["lr"] = max(lr, 1e-5)
+            group["lr"] = max(step_lr, 1e-5)
         idx = rng.integers(0, len(scenes), size=batch_size)
         latents = (means[idx] + stds[idx] * torch.randn_like(means[idx])) * scale
         captions = [
@@ -258,7 +259,7 @@ def train_unet(
         ema.step(unet.parameters())
         step += 1
         if step % 50 == 0:
-            print(f"unet step {step} loss {loss.item():.4f} lr {lr:.2e} {time.time() - start:.0f}s", flush=True)
+            print(f"unet step {step} loss {loss.item():.4f} lr {step_lr:.2e} {time.time() - start:.0f}s", flush=True)
     print(f"unet: {step} steps in {time.time() - start:.0f}s", flush=True)
     return ema
 
@@ -287,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
+    parser.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
+    parser.add_argument("--unet-lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder (cosine decay)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, for tests")
     args = parser.parse_args(argv)
     if args.threads:
@@ -306,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
     unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     ema = train_unet(
         unet, text_encoder, tokenizer, vae, args.unet_minutes, max_steps, args.seed,
-        batch_size=4 if args.smoke else 64, scene_count=64 if args.smoke else 10000,
+        batch_size=4 if args.smoke else args.unet_batch, scene_count=64 if args.smoke else 10000, lr=args.unet_lr,
     )
     ema.copy_to(unet.parameters())
     if args.decoder_minutes > 0:
