@@ -675,7 +675,7 @@ def matrix_table(matrix: list[list], styles: list[str]) -> str:
     return "\n".join(lines)
 
 
-def markdown_report(results: dict, settings: Settings, command: str, environment: dict, judge_report: dict) -> str:
+def markdown_report(results: dict, settings: Settings, command: str, environment: dict, judge_report: dict, prefix: Path) -> str:
     styles = list(settings.styles)
     methods = results["methods"]
     base = results["base_model"]
@@ -805,8 +805,8 @@ def markdown_report(results: dict, settings: Settings, command: str, environment
         lines.append("No sweep in this run.")
     lines += [
         "",
-        "Plots: `continual_accuracy.png` (accuracy matrices), `continual_tradeoff.png` (storage vs final accuracy), "
-        "`continual_samples.png` (one final image per style and caption, seed 0).",
+        f"Plots: `{prefix.name}_accuracy.png` (accuracy matrices), `{prefix.name}_tradeoff.png` (storage vs final accuracy), "
+        f"`{prefix.name}_samples.png` (one final image per style and caption, seed 0).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -893,7 +893,7 @@ def plot(results: dict, settings: Settings, prefix: Path) -> None:
 
 def write_report(results: dict, settings: Settings, command: str, environment: dict, judge_report: dict, prefix: Path) -> str:
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    markdown = markdown_report(results, settings, command, environment, judge_report)
+    markdown = markdown_report(results, settings, command, environment, judge_report, prefix)
     Path(f"{prefix}.md").write_text(markdown)
     public = {k: v for k, v in results.items() if not k.startswith("_")}
     payload = dict(command=command, environment=environment, settings=asdict(settings), judge=judge_report, **public)
