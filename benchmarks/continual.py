@@ -60,6 +60,7 @@ from share_diffusion.training import (
     encode_images,
     make_optimizer,
     mixed_precision_for,
+    sample_noise,
     train_style,
     training_captions,
     with_trigger,
@@ -345,7 +346,7 @@ def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, con
                 texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
             ).input_ids
             context = pipe.text_encoder(ids)[0]
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = sample_noise(latents.shape, config.noise_offset, generator)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise

@@ -42,6 +42,7 @@ class TrainingConfig:
     phi: int = 8
     batch_size: int = 8
     caption_dropout: float = 0.1  # how often the caption is the bare trigger
+    noise_offset: float = 0.0  # per-channel noise offset, as in kohya_ss and the diffusers scripts (e.g. 0.1)
     seed: int = 0
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -174,7 +175,7 @@ def train_style(
                 texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
             ).input_ids.to(pipe.text_encoder.device)
             context = pipe.text_encoder(ids)[0].to(device)
-        noise = torch.randn(latents.shape, generator=generator).to(device)
+        noise = sample_noise(latents.shape, config.noise_offset, generator).to(device)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
@@ -199,6 +200,19 @@ def train_style(
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return unet
+
+
+def sample_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise plus a random constant per image and channel.
+
+    The noise schedule never fully destroys an image's mean colour, so a model trained on plain
+    noise keeps the mean of its starting noise and cannot make images much darker or brighter than
+    average (a black "neon" background, say). The offset teaches it to change that mean.
+    """
+    noise = torch.randn(shape, generator=generator)
+    if offset:
+        noise = noise + offset * torch.randn(*shape[:2], 1, 1, generator=generator)
+    return noise
 
 
 def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:

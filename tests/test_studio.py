@@ -14,7 +14,7 @@ from diffusers import StableDiffusionPipeline
 from share_diffusion.library import LibraryError, LibraryLockedError, StyleLibrary
 from share_diffusion.models import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.studio import Studio, library_style_factors
-from share_diffusion.training import TrainingCancelled, TrainingConfig, TrainingFailed
+from share_diffusion.training import TrainingCancelled, TrainingConfig, TrainingFailed, sample_noise
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "styles" / "examples"
@@ -253,3 +253,12 @@ def test_quick_preset_learns_a_style(studio):
     # Neon images have black backgrounds; the base model paints the prompted (bright) background.
     assert max(styled) < min(plain), (styled, plain)
     assert np.mean(styled) < 0.15 < np.mean(plain)
+
+
+def test_noise_offset_shifts_whole_channels_only():
+    plain = sample_noise((64, 4, 16, 16), 0.0, torch.Generator().manual_seed(0))
+    offset = sample_noise((64, 4, 16, 16), 0.3, torch.Generator().manual_seed(0))
+    shift = offset - plain
+    assert torch.allclose(shift, shift[..., :1, :1].expand_as(shift), atol=1e-6)  # one constant per image and channel
+    assert 0.2 < shift[..., 0, 0].std().item() < 0.4
+    assert plain.mean(dim=(2, 3)).std().item() < 0.1  # without it, channel means barely vary (1/16)
