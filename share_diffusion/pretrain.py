@@ -36,6 +36,7 @@ from diffusers.training_utils import EMAModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from . import world
+from .training import sample_noise
 
 # Words that become single tokens; anything else still tokenizes, byte by byte.
 TOKENIZER_WORDS = sorted(
@@ -224,6 +225,7 @@ def train_unet(
     batch_size: int = 64,
     scene_count: int = 10000,
     lr: float = 5e-4,
+    noise_offset: float = 0.0,
 ) -> EMAModel:
     rng = np.random.default_rng(seed + 1)
     torch.manual_seed(seed)
@@ -246,7 +248,7 @@ def train_unet(
             "" if rng.random() < 0.1 else scenes[i].caption(with_position=rng.random() < 0.5) for i in idx
         ]
         ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-        noise = torch.randn_like(latents)
+        noise = sample_noise(latents.shape, noise_offset, None)
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch_size,))
         noisy = noise_scheduler.add_noise(latents, noise, timesteps)
         with MIXED_PRECISION:
@@ -290,6 +292,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
     parser.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
     parser.add_argument("--unet-lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder (cosine decay)")
+    parser.add_argument("--noise-offset", type=float, default=0.0,
+                        help="per-channel noise offset for the UNet, so that it can move an image's mean colour (e.g. 0.1)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, for tests")
     args = parser.parse_args(argv)
     if args.threads:
@@ -310,6 +314,7 @@ def main(argv: list[str] | None = None) -> None:
     ema = train_unet(
         unet, text_encoder, tokenizer, vae, args.unet_minutes, max_steps, args.seed,
         batch_size=4 if args.smoke else args.unet_batch, scene_count=64 if args.smoke else 10000, lr=args.unet_lr,
+        noise_offset=args.noise_offset,
     )
     ema.copy_to(unet.parameters())
     if args.decoder_minutes > 0:

@@ -91,7 +91,7 @@ def test_vae_reconstructs_a_style_it_never_saw():
 def test_pretraining_script_runs(tmp_path):
     from share_diffusion.pretrain import main
 
-    main(["--smoke", "--out", str(tmp_path / "model")])
+    main(["--smoke", "--noise-offset", "0.1", "--out", str(tmp_path / "model")])
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "model")
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == world.IMAGE_SIZE
     assert pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
