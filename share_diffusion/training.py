@@ -202,7 +202,7 @@ def train_style(
     return unet
 
 
-def sample_noise(shape: torch.Size, offset: float, generator: torch.Generator) -> torch.Tensor:
+def sample_noise(shape: torch.Size, offset: float, generator: torch.Generator | None) -> torch.Tensor:
     """Gaussian noise plus a random constant per image and channel.
 
     The noise schedule never fully destroys an image's mean colour, so a model trained on plain

@@ -24,7 +24,7 @@ PROMPTS = [
 # strict=True: once a better model passes them, the markers must go.
 UNDER_TRAINED = pytest.mark.xfail(
     strict=True,
-    reason="measured 2026-11-29 on the committed model (runs/pretrain4): background 13/16, shape colour 12/16, "
+    reason="measured 2026-11-29 on the committed model (pretraining run 4): background 13/16, shape colour 12/16, "
     "shape 7/16 (targets 15, 13, 10), held-out-style VAE PSNR 18.5 dB (target 25); 2,771 UNet steps (batch 32) "
     "and ~6,900 whole-VAE steps fitted in two sessions' CPU time",
 )
