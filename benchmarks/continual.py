@@ -41,13 +41,13 @@ import os
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline
 
 from benchmarks import judge as judge_module
 from benchmarks.eig_baseline import eig_merge
@@ -56,13 +56,11 @@ from share_diffusion.images import ImageSet, TrainingImage
 from share_diffusion.library import StyleLibrary, new_metadata
 from share_diffusion.models import load_pipeline, model_fingerprint
 from share_diffusion.training import (
+    StyleBatches,
     TrainingConfig,
-    encode_images,
     make_optimizer,
     mixed_precision_for,
-    sample_noise,
     train_style,
-    training_captions,
     with_trigger,
 )
 
@@ -330,29 +328,12 @@ def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, con
     rng = np.random.default_rng(config.seed)
     unet.train()
     optimizer = make_optimizer(parameters, config)
-    means, stds = encode_images(pipe, images)
-    captions = training_captions(images, trigger)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    scaling = pipe.vae.config.scaling_factor
+    batches = StyleBatches(pipe, images, trigger, config, rng, generator)
     for step in range(1, config.steps + 1):
-        index = rng.integers(0, len(captions), size=config.batch_size)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling
-        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5)
-        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-        texts = [trigger if rng.random() < config.caption_dropout else captions[i] for i in index]
-        with torch.no_grad():
-            ids = pipe.tokenizer(
-                texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            context = pipe.text_encoder(ids)[0]
-        noise = sample_noise(latents.shape, config.noise_offset, generator)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+        noisy, timesteps, context, target = (tensor.to(pipe.device) for tensor in batches.next())
         with autocast:
             prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(prediction.float(), target)
         if not torch.isfinite(loss):
             raise RuntimeError(f"LoRA loss became {loss.item()} at step {step}")
         loss.backward()

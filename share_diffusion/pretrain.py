@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
+    parser.add_argument("--unet-from", type=Path, default=None,
+                        help="continue the UNet and text encoder of a saved base model (for example assets/base-model)")
     parser.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
     parser.add_argument("--unet-lr", type=float, default=5e-4, help="peak learning rate of the UNet and text encoder (cosine decay)")
     parser.add_argument("--noise-offset", type=float, default=0.0,
@@ -310,7 +312,11 @@ def main(argv: list[str] | None = None) -> None:
         vae.save_pretrained(args.out / "vae")
     vae.eval().requires_grad_(False)
 
-    unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
+    if args.unet_from:
+        unet = UNet2DConditionModel.from_pretrained(args.unet_from / "unet")
+        text_encoder = CLIPTextModel.from_pretrained(args.unet_from / "text_encoder")
+    else:
+        unet, text_encoder = build_unet(), build_text_encoder(tokenizer)
     ema = train_unet(
         unet, text_encoder, tokenizer, vae, args.unet_minutes, max_steps, args.seed,
         batch_size=4 if args.smoke else args.unet_batch, scene_count=64 if args.smoke else 10000, lr=args.unet_lr,

@@ -42,7 +42,7 @@ class TrainingConfig:
     phi: int = 8
     batch_size: int = 8
     caption_dropout: float = 0.1  # how often the caption is the bare trigger
-    noise_offset: float = 0.0  # per-channel noise offset, as in kohya_ss and the diffusers scripts (e.g. 0.1)
+    noise_offset: float = 0.1  # per-channel noise offset (kohya_ss); the embedded model is pretrained with the same
     seed: int = 0
     mixed_precision: str = "auto"  # auto | no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -121,6 +121,37 @@ def encode_images(pipe: StableDiffusionPipeline, images: ImageSet) -> tuple[torc
     return posterior.mean.float(), posterior.std.float()
 
 
+class StyleBatches:
+    """Random training batches of one style's images: (noisy latents, timesteps, text context, target)."""
+
+    def __init__(self, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, config: TrainingConfig,
+                 rng: np.random.Generator, generator: torch.Generator):  # fmt: skip
+        self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
+        self.means, self.stds = (tensor.cpu() for tensor in encode_images(pipe, images))
+        self.captions = training_captions(images, trigger)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @torch.no_grad()
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        config, rng, generator, pipe = self.config, self.rng, self.generator, self.pipe
+        index = rng.integers(0, len(self.captions), size=config.batch_size)
+        means, stds = self.means[index], self.stds[index]
+        latents = (means + stds * torch.randn(means.shape, generator=generator)) * pipe.vae.config.scaling_factor
+        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5)
+        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+        texts = [self.trigger if rng.random() < config.caption_dropout else self.captions[i] for i in index]
+        ids = pipe.tokenizer(
+            texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].cpu()
+        noise = sample_noise(latents.shape, config.noise_offset, generator)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            return noisy, timesteps, context, self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        return noisy, timesteps, context, noise
+
+
 def train_style(
     pipe: StableDiffusionPipeline,
     unet: torch.nn.Module,
@@ -154,34 +185,17 @@ def train_style(
     optimizer = make_optimizer(parameters, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
-    means, stds = encode_images(pipe, images)
-    captions = training_captions(images, trigger)
-    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    prediction_type = noise_scheduler.config.prediction_type
-    scaling = pipe.vae.config.scaling_factor
+    batches = StyleBatches(pipe, images, trigger, config, rng, generator)
     device = accelerator.device
 
     start = time.time()
     for step in range(1, config.steps + 1):
         if cancel is not None and cancel.is_set():
             raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged")
-        index = rng.integers(0, len(captions), size=config.batch_size)
-        latents = (means[index] + stds[index] * torch.randn(means[index].shape, generator=generator)) * scaling
-        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5)
-        latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents).to(device)
-        texts = [trigger if rng.random() < config.caption_dropout else captions[i] for i in index]
-        with torch.no_grad():
-            ids = pipe.tokenizer(
-                texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids.to(pipe.text_encoder.device)
-            context = pipe.text_encoder(ids)[0].to(device)
-        noise = sample_noise(latents.shape, config.noise_offset, generator).to(device)
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator).to(device)
-        noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = noise_scheduler.get_velocity(latents, noise, timesteps) if prediction_type == "v_prediction" else noise
+        noisy, timesteps, context, target = (tensor.to(device) for tensor in batches.next())
         with accelerator.autocast():
             prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
-        loss = F.mse_loss(prediction.float(), target.float())
+        loss = F.mse_loss(prediction.float(), target)
         if not torch.isfinite(loss):
             raise TrainingFailed(
                 f"the loss became {loss.item()} at step {step}; lower the learning rate "
