@@ -330,7 +330,7 @@ def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, con
     optimizer = make_optimizer(parameters, config)
     batches = StyleBatches(pipe, images, trigger, config, rng, generator)
     for step in range(1, config.steps + 1):
-        noisy, timesteps, context, target = (tensor.to(pipe.device) for tensor in batches.next())
+        noisy, timesteps, context, target = batches.next(pipe.device)
         with autocast:
             prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
         loss = F.mse_loss(prediction.float(), target)

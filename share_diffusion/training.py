@@ -132,7 +132,7 @@ class StyleBatches:
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     @torch.no_grad()
-    def next(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         config, rng, generator, pipe = self.config, self.rng, self.generator, self.pipe
         index = rng.integers(0, len(self.captions), size=config.batch_size)
         means, stds = self.means[index], self.stds[index]
@@ -143,13 +143,15 @@ class StyleBatches:
         ids = pipe.tokenizer(
             texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
         ).input_ids
-        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].cpu()
+        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
         noise = sample_noise(latents.shape, config.noise_offset, generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
-            return noisy, timesteps, context, self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        return noisy, timesteps, context, noise
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        return noisy.to(device), timesteps.to(device), context, target.to(device)
 
 
 def train_style(
@@ -192,7 +194,7 @@ def train_style(
     for step in range(1, config.steps + 1):
         if cancel is not None and cancel.is_set():
             raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged")
-        noisy, timesteps, context, target = (tensor.to(device) for tensor in batches.next())
+        noisy, timesteps, context, target = batches.next(device)
         with accelerator.autocast():
             prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
         loss = F.mse_loss(prediction.float(), target)
