@@ -87,6 +87,20 @@ def set_advanced_training(page, steps: int, batch_size: int = 2, preview_every: 
     page.fill("#train-steps input", str(steps))
     page.fill("#train-batch-size input", str(batch_size))
     page.fill("#train-preview-every input", str(preview_every))
+    assert page.input_value("#train-steps input") == str(steps)
+
+
+def wait_for_train_status(page, demo, text: str) -> None:
+    """Wait for the training status to show ``text``; on a timeout, say what the page and server showed."""
+    try:
+        page.locator("#train-status", has_text=text).wait_for()
+    except sync_api.TimeoutError:
+        status = page.locator("#train-status").inner_text()
+        toasts = page.locator(".toast-body").all_inner_texts()
+        training = demo.share_callbacks._cancel is not None
+        raise AssertionError(f"train status never showed {text!r}: it shows {status!r}; steps field "
+                             f"{page.input_value('#train-steps input')!r}; training running on the server: "
+                             f"{training}; styles on the server: {demo.share_studio.style_names()}; notifications: {toasts}") from None
 
 
 def choose(page, label: str, option: str) -> None:
@@ -108,7 +122,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     assert page.locator("#style-name").get_by_role("textbox").input_value() == "Hatching"
     set_advanced_training(page, steps=4)
     page.click("#train-button")
-    page.locator("#train-status", has_text="Learned Hatching").wait_for()
+    wait_for_train_status(page, demo, "Learned Hatching")
 
     # ...then files uploaded by hand (what drag and drop delivers), one of them not an image.
     neon = sorted(EXAMPLES.glob("neon/*.png"))[:4]
@@ -124,7 +138,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     page.locator("#style-trigger").get_by_role("textbox").fill("neonglow")
     set_advanced_training(page, steps=4)
     page.click("#train-button")
-    page.locator("#train-status", has_text="Learned Neon Test").wait_for()
+    wait_for_train_status(page, demo, "Learned Neon Test")
     page.locator("#train-comparison", has_text="Hatching · after").wait_for()
     page.locator("#train-errors", has_text="Hatching").wait_for()
     assert page.locator("#train-previews img").count() >= 3  # steps 2 and 4, and the final sample
@@ -156,7 +170,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     page.locator("#upload-summary", has_text="12 usable images").wait_for()
     set_advanced_training(page, steps=5000, preview_every=0)
     page.click("#train-button")
-    page.locator("#train-status", has_text="Training Mosaic: step").wait_for()
+    wait_for_train_status(page, demo, "Training Mosaic: step")
     page.get_by_role("tab", name="Generate").click()
     note = page.locator("#generate-note")
     before = note.inner_text()
@@ -167,7 +181,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     assert demo.share_callbacks._cancel is not None  # the training is still running
     page.get_by_role("tab", name="Train").click()
     page.click("#cancel-button")
-    page.locator("#train-status", has_text="Cancelled").wait_for()
+    wait_for_train_status(page, demo, "Cancelled")
     assert demo.share_studio.style_names() == ["Hatching", "Neon Test"]
 
     # Library tab: both styles listed; export the library file and load the download.
