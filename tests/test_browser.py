@@ -7,6 +7,7 @@ It also screenshots the three tabs; with ``SHARE_UPDATE_SCREENSHOTS=1`` they are
 ``docs/screenshots/`` (generate.png, train.png, library.png), else only to the test's temp folder.
 """
 
+import json
 import os
 import shutil
 import socket
@@ -87,7 +88,19 @@ def set_advanced_training(page, steps: int, batch_size: int = 2, preview_every: 
     page.fill("#train-steps input", str(steps))
     page.fill("#train-batch-size input", str(batch_size))
     page.fill("#train-preview-every input", str(preview_every))
-    assert page.input_value("#train-steps input") == str(steps)
+    assert page.input_value("#train-steps input") == str(steps), f"events the page ran: {page.share_events}"
+
+
+def log_events(page, demo) -> None:
+    """Record, in ``page.share_events``, the name of each server function the page calls."""
+    page.share_events = []
+
+    def on_request(request):
+        if "/queue/join" in request.url and request.post_data:
+            fn_index = json.loads(request.post_data)["fn_index"]
+            page.share_events.append(demo.fns[fn_index].name)
+
+    page.on("request", on_request)
 
 
 def wait_for_train_status(page, demo, text: str) -> None:
@@ -100,7 +113,8 @@ def wait_for_train_status(page, demo, text: str) -> None:
         training = demo.share_callbacks._cancel is not None
         raise AssertionError(f"train status never showed {text!r}: it shows {status!r}; steps field "
                              f"{page.input_value('#train-steps input')!r}; training running on the server: "
-                             f"{training}; styles on the server: {demo.share_studio.style_names()}; notifications: {toasts}") from None
+                             f"{training}; styles on the server: {demo.share_studio.style_names()}; notifications: {toasts}; "
+                             f"events the page ran: {page.share_events}") from None
 
 
 def choose(page, label: str, option: str) -> None:
@@ -112,6 +126,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     url, demo = app_url
     page = browser.new_page(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
     page.set_default_timeout(TIMEOUT_MS)
+    log_events(page, demo)
     page.goto(url)
     page.get_by_text("Share Studio").first.wait_for()
 
