@@ -85,10 +85,19 @@ def set_advanced_training(page, steps: int, batch_size: int = 2, preview_every: 
     advanced = page.locator("#train-advanced")
     if not page.locator("#train-steps input").is_visible():
         advanced.get_by_text("Advanced").click()
-    page.fill("#train-steps input", str(steps))
-    page.fill("#train-batch-size input", str(batch_size))
-    page.fill("#train-preview-every input", str(preview_every))
-    assert page.input_value("#train-steps input") == str(steps), f"events the page ran: {page.share_events}"
+    fields = {"#train-steps input": str(steps), "#train-batch-size input": str(batch_size),
+              "#train-preview-every input": str(preview_every)}
+    # Right after an example set loads, Gradio's page can still put a stale value back into a field
+    # filled within the same few milliseconds (seen only in a fresh process, never at human speed):
+    # fill again until all three fields hold their values for a moment.
+    for _ in range(5):
+        for selector, value in fields.items():
+            if page.input_value(selector) != value:
+                page.fill(selector, value)
+        page.wait_for_timeout(300)
+        if all(page.input_value(selector) == value for selector, value in fields.items()):
+            return
+    raise AssertionError(f"the advanced fields do not keep their values; events the page ran: {page.share_events}")
 
 
 def log_events(page, demo) -> None:
@@ -137,7 +146,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     assert page.locator("#style-name").get_by_role("textbox").input_value() == "Hatching"
     set_advanced_training(page, steps=4)
     page.click("#train-button")
-    wait_for_train_status(page, demo, "Learned Hatching")
+    wait_for_train_status(page, demo, "Learned Hatching (4 steps)")
 
     # ...then files uploaded by hand (what drag and drop delivers), one of them not an image.
     neon = sorted(EXAMPLES.glob("neon/*.png"))[:4]
@@ -153,7 +162,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     page.locator("#style-trigger").get_by_role("textbox").fill("neonglow")
     set_advanced_training(page, steps=4)
     page.click("#train-button")
-    wait_for_train_status(page, demo, "Learned Neon Test")
+    wait_for_train_status(page, demo, "Learned Neon Test (4 steps)")
     page.locator("#train-comparison", has_text="Hatching · after").wait_for()
     page.locator("#train-errors", has_text="Hatching").wait_for()
     assert page.locator("#train-previews img").count() >= 3  # steps 2 and 4, and the final sample
