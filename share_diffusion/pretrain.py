@@ -286,6 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vae-minutes", type=float, default=25)
     parser.add_argument("--unet-minutes", type=float, default=45)
     parser.add_argument("--decoder-minutes", type=float, default=20, help="stage 3: the VAE decoder alone")
+    parser.add_argument("--decoder-lr", type=float, default=3e-4, help="peak learning rate of stage 3 (cosine decay)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
@@ -324,7 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     ema.copy_to(unet.parameters())
     if args.decoder_minutes > 0:
-        train_vae(vae, args.decoder_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=3e-4, decoder_only=True)
+        train_vae(vae, args.decoder_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=args.decoder_lr, decoder_only=True)
     save_pipeline(args.out, vae, text_encoder.eval(), tokenizer, unet.eval())
     print(f"saved the base model to {args.out}", flush=True)
 

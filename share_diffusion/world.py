@@ -2,8 +2,8 @@
 
 The embedded base model is pretrained on plain scenes (`sample_scene` + `render`). The styles in
 `STYLES` are kept out of the UNet's pretraining, so that learning one is a real test; the VAE sees
-all of them except `VAE_HELD_OUT_STYLE`, plus generic textures, so it can represent styles it was
-never taught (`vae_training_image`).
+all of them except `VAE_HELD_OUT_STYLE`, plus generic textures and graphic primitives drawn over
+images, so it can represent styles it was never taught (`vae_training_image`).
 
 Everything is deterministic given a `numpy.random.Generator`.
 """
@@ -335,19 +335,56 @@ def random_texture(rng: np.random.Generator) -> np.ndarray:
     return np.where(pattern[..., None], colours[0], colours[1]).astype(np.float32)
 
 
+def _random_colour(rng: np.random.Generator) -> np.ndarray:
+    if rng.random() < 0.4:  # white, black and greys are common in graphics
+        return np.full(3, rng.choice([0.0, 0.02, 0.45, 0.5, 0.98, 1.0, rng.uniform()]), dtype=np.float32)
+    return rng.uniform(0, 1, size=3).astype(np.float32)
+
+
+def overlay_graphics(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Draw 1-3 graphic primitives over an image: rectangle outlines (often centred, like borders
+    and mats), straight lines, and filled rectangles, each in any colour and 1 to 8 pixels wide."""
+    image = image.copy()
+    y, x = _grid()
+    for _ in range(rng.integers(1, 4)):
+        kind = rng.integers(0, 3)
+        if kind == 0:
+            if rng.random() < 0.6:  # centred on the image
+                top = left = rng.integers(0, 17)
+                bottom = right = IMAGE_SIZE - 1 - top
+            else:
+                top, left = rng.integers(0, IMAGE_SIZE - 8, size=2)
+                bottom, right = top + rng.integers(6, IMAGE_SIZE - top), left + rng.integers(6, IMAGE_SIZE - left)
+            distance = np.minimum(np.minimum(y - top, x - left), np.minimum(bottom - y, right - x))
+            mask = (distance >= 0) & (distance < rng.integers(1, 9))
+        elif kind == 1:
+            angle = rng.uniform(0, np.pi)
+            offset = (x - rng.uniform(0, IMAGE_SIZE)) * np.sin(angle) - (y - rng.uniform(0, IMAGE_SIZE)) * np.cos(angle)
+            mask = np.abs(offset) < rng.integers(1, 4) / 2
+        else:
+            y0, x0 = rng.integers(0, IMAGE_SIZE, size=2)
+            mask = (y >= y0) & (y < y0 + rng.integers(2, 30)) & (x >= x0) & (x < x0 + rng.integers(2, 30))
+        image[mask] = _random_colour(rng)
+    return image
+
+
 def vae_training_image(rng: np.random.Generator) -> np.ndarray:
-    """A broad mix: plain scenes, styled scenes (all but the held-out style), and textures."""
+    """A broad mix: plain scenes, styled scenes (all but the held-out style) and textures, with
+    graphic primitives drawn over some of them."""
     choice = rng.random()
     if choice < 0.3:
-        return render(sample_scene(rng))
-    if choice < 0.65:
+        image = render(sample_scene(rng))
+    elif choice < 0.65:
         styles = [name for name in STYLES if name != VAE_HELD_OUT_STYLE]
-        return render_styled(str(rng.choice(styles)), sample_scene(rng), rng)
-    image = random_texture(rng)
-    if rng.random() < 0.4:  # a shape over the texture
-        scene = sample_scene(rng)
-        alpha = shape_mask(scene)[..., None]
-        image = alpha * np.array(COLOURS[scene.colour], dtype=np.float32) / 255 + (1 - alpha) * image
+        image = render_styled(str(rng.choice(styles)), sample_scene(rng), rng)
+    else:
+        image = random_texture(rng)
+        if rng.random() < 0.4:  # a shape over the texture
+            scene = sample_scene(rng)
+            alpha = shape_mask(scene)[..., None]
+            image = alpha * np.array(COLOURS[scene.colour], dtype=np.float32) / 255 + (1 - alpha) * image
+    if rng.random() < 0.4:
+        image = overlay_graphics(image, rng)
     return image.astype(np.float32)
 
 
