@@ -176,6 +176,12 @@ def _grid(size: int = IMAGE_SIZE) -> tuple[np.ndarray, np.ndarray]:
     return y, x
 
 
+def _distance_inside(top: int, left: int, bottom: int, right: int) -> np.ndarray:
+    """Each pixel's distance in from the nearest side of a rectangle (negative outside it)."""
+    y, x = _grid()
+    return np.minimum(np.minimum(y - top, x - left), np.minimum(bottom - y, right - x))
+
+
 def _edge(mask: np.ndarray, width: int) -> np.ndarray:
     """Pixels within `width` of the shape's boundary."""
     inside = mask > 0.5
@@ -273,8 +279,7 @@ def style_checker(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 def style_frame(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     image = render(scene)
-    y, x = _grid()
-    border = np.minimum(np.minimum(y, x), np.minimum(IMAGE_SIZE - 1 - y, IMAGE_SIZE - 1 - x))
+    border = _distance_inside(0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1)
     image[border < 6] = 0.98
     image[border == 5] = 0.45
     return image
@@ -324,8 +329,7 @@ def random_texture(rng: np.random.Generator) -> np.ndarray:
         return (t[..., None] * colours[0] + (1 - t[..., None]) * colours[1]).astype(np.float32)
     elif kind == 4:  # borders and frames
         width = rng.integers(1, 10)
-        border = np.minimum(np.minimum(y, x), np.minimum(IMAGE_SIZE - 1 - y, IMAGE_SIZE - 1 - x))
-        pattern = border < width
+        pattern = _distance_inside(0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1) < width
     else:  # random rectangles
         pattern = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
         for _ in range(rng.integers(1, 6)):
@@ -355,7 +359,7 @@ def overlay_graphics(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             else:
                 top, left = rng.integers(0, IMAGE_SIZE - 8, size=2)
                 bottom, right = top + rng.integers(6, IMAGE_SIZE - top), left + rng.integers(6, IMAGE_SIZE - left)
-            distance = np.minimum(np.minimum(y - top, x - left), np.minimum(bottom - y, right - x))
+            distance = _distance_inside(top, left, bottom, right)
             mask = (distance >= 0) & (distance < rng.integers(1, 9))
         elif kind == 1:
             angle = rng.uniform(0, np.pi)
