@@ -17,6 +17,7 @@ Three stages:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import time
@@ -143,10 +144,12 @@ def image_batch(make_image, rng: np.random.Generator, batch_size: int) -> torch.
 
 def train_vae(
     vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
-    decoder_only: bool = False,
+    decoder_only: bool = False, anchor: float = 0.0,
 ) -> None:
     """Stage 1 trains the whole VAE; stage 3 (decoder_only) sharpens the decoder alone, so the encoder,
-    and so every latent the UNet learned, stays fixed."""
+    and so every latent the UNet learned, stays fixed. With `anchor` > 0, stage 1 continues a trained
+    VAE while holding the latents of plain scenes (all the UNet ever sees) to the starting encoder's,
+    so the encoder can learn more of everything else without invalidating the UNet."""
     name = "decoder" if decoder_only else "vae"
     parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else list(vae.parameters())
     vae.requires_grad_(False)
@@ -154,6 +157,7 @@ def train_vae(
         parameter.requires_grad_(True)
     rng = np.random.default_rng(seed + 3 if decoder_only else seed)
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=0.0)
+    starting_vae = copy.deepcopy(vae) if anchor else None
     start, step = time.time(), 0
     budget = minutes * 60
     while step < max_steps and time.time() - start < budget:
@@ -167,6 +171,13 @@ def train_vae(
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         if not decoder_only:  # keeps the latents' scale in check, like the KL term of a VAE
             loss = loss + 1e-6 * latents.float().square().sum(dim=(1, 2, 3)).mean()
+        if anchor:
+            plain = image_batch(lambda r: world.render(world.sample_scene(r)), rng, batch_size // 2)
+            with torch.no_grad(), MIXED_PRECISION:
+                target = starting_vae.encode(plain).latent_dist.mode().float()
+            with MIXED_PRECISION:
+                drift = F.mse_loss(vae.encode(plain).latent_dist.mode().float(), target) / target.var()
+            loss = loss + anchor * drift
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -291,6 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
+    parser.add_argument("--vae-anchor", type=float, default=0.0,
+                        help="with --vae-from: weight holding plain scenes' latents to the starting encoder's, "
+                        "so that a trained UNet stays valid (e.g. 2; 0: off)")
     parser.add_argument("--unet-from", type=Path, default=None,
                         help="continue the UNet and text encoder of a saved base model (for example assets/base-model)")
     parser.add_argument("--unet-batch", type=int, default=64, help="UNet batch size")
@@ -299,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="per-channel noise offset for the UNet, so that it can move an image's mean colour (e.g. 0.1)")
     parser.add_argument("--smoke", action="store_true", help="a few steps of each stage, for tests")
     args = parser.parse_args(argv)
+    if args.vae_anchor and not args.vae_from:
+        parser.error("--vae-anchor holds the latents of a trained VAE: give it with --vae-from")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -307,9 +323,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = write_tokenizer(args.out / "tokenizer")
     vae = AutoencoderKL.from_pretrained(args.vae_from) if args.vae_from else build_vae()
     if args.vae_minutes > 0:
-        train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=args.vae_lr)
+        train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=args.vae_lr, anchor=args.vae_anchor)
         make_deterministic(vae)
-        set_latent_scale(vae, args.seed)
+        if not args.vae_anchor:  # an anchored VAE keeps the scale the UNet was trained with
+            set_latent_scale(vae, args.seed)
         vae.save_pretrained(args.out / "vae")
     vae.eval().requires_grad_(False)
 

@@ -312,7 +312,7 @@ def random_texture(rng: np.random.Generator) -> np.ndarray:
     colours = rng.uniform(0, 1, size=(2, 3)).astype(np.float32)
     if rng.random() < 0.3:  # include pure white, black and greys
         colours[rng.integers(0, 2)] = rng.choice([0.0, 0.5, 1.0, rng.uniform()])
-    kind = rng.integers(0, 6)
+    kind = rng.integers(0, 7)
     if kind == 0:  # stripes at any angle and period, down to 1-pixel scanlines
         angle, period = rng.uniform(0, np.pi), rng.choice([2, 3, 4, 6, 8, 12])
         pattern = ((x * np.cos(angle) + y * np.sin(angle)) % period) < period / 2
@@ -330,6 +330,11 @@ def random_texture(rng: np.random.Generator) -> np.ndarray:
     elif kind == 4:  # borders and frames
         width = rng.integers(1, 10)
         pattern = _distance_inside(0, 0, IMAGE_SIZE - 1, IMAGE_SIZE - 1) < width
+    elif kind == 5:  # bands of any width, down to 1-pixel rules, as in plaids, barcodes and mats
+        band_edges = np.cumsum(rng.choice([1, 1, 2, 3, 4, 6, 8, 12], size=IMAGE_SIZE))
+        band = np.searchsorted(band_edges, y if rng.random() < 0.5 else x, side="right")
+        palette = np.stack([_random_colour(rng) for _ in range(IMAGE_SIZE)])
+        return palette[band]
     else:  # random rectangles
         pattern = np.zeros((IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
         for _ in range(rng.integers(1, 6)):
@@ -362,7 +367,7 @@ def overlay_graphics(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
             distance = _distance_inside(top, left, bottom, right)
             mask = (distance >= 0) & (distance < rng.integers(1, 9))
         elif kind == 1:
-            angle = rng.uniform(0, np.pi)
+            angle = rng.choice([0, np.pi / 2]) if rng.random() < 0.5 else rng.uniform(0, np.pi)  # rules are often straight
             offset = (x - rng.uniform(0, IMAGE_SIZE)) * np.sin(angle) - (y - rng.uniform(0, IMAGE_SIZE)) * np.cos(angle)
             mask = np.abs(offset) < rng.integers(1, 4) / 2
         else:
