@@ -142,6 +142,11 @@ def image_batch(make_image, rng: np.random.Generator, batch_size: int) -> torch.
     return torch.from_numpy(images).permute(0, 3, 1, 2) * 2 - 1
 
 
+def plain_scene_batch(rng: np.random.Generator, batch_size: int) -> torch.Tensor:
+    """Plain scenes, the only images the UNet is trained on."""
+    return image_batch(lambda r: world.render(world.sample_scene(r)), rng, batch_size)
+
+
 def train_vae(
     vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
     decoder_only: bool = False, anchor: float = 0.0,
@@ -172,7 +177,7 @@ def train_vae(
         if not decoder_only:  # keeps the latents' scale in check, like the KL term of a VAE
             loss = loss + 1e-6 * latents.float().square().sum(dim=(1, 2, 3)).mean()
         if anchor:
-            plain = image_batch(lambda r: world.render(world.sample_scene(r)), rng, batch_size // 2)
+            plain = plain_scene_batch(rng, batch_size // 2)
             with torch.no_grad(), MIXED_PRECISION:
                 target = starting_vae.encode(plain).latent_dist.mode().float()
             with MIXED_PRECISION:
@@ -205,7 +210,7 @@ def make_deterministic(vae: AutoencoderKL) -> None:
 @torch.no_grad()
 def set_latent_scale(vae: AutoencoderKL, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    images = image_batch(lambda r: world.render(world.sample_scene(r)), rng, 256)
+    images = plain_scene_batch(rng, 256)
     std = vae.encode(images).latent_dist.mean.std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
 

@@ -108,11 +108,10 @@ def test_pretraining_script_runs(tmp_path):
 
 
 def test_anchored_vae_continuation_keeps_the_latents_the_unet_learned():
-    from share_diffusion.pretrain import train_vae
+    from share_diffusion.pretrain import plain_scene_batch, train_vae
 
     starting = AutoencoderKL.from_pretrained(EMBEDDED_MODEL_DIR / "vae")
-    rng = np.random.default_rng(5)
-    plain = torch.from_numpy(np.stack([world.render(world.sample_scene(rng)) for _ in range(32)])).permute(0, 3, 1, 2) * 2 - 1
+    plain = plain_scene_batch(np.random.default_rng(5), 32)
 
     def latent_drift(anchor: float) -> float:
         vae = copy.deepcopy(starting)
