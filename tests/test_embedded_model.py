@@ -26,9 +26,8 @@ PROMPTS = [
 # what it must reach. strict=True: once a better VAE passes it, the marker must go.
 VAE_UNDER_TRAINED = pytest.mark.xfail(
     strict=True,
-    reason="measured 2026-11-30 on the committed VAE (run 9): held-out-style PSNR 24.86 dB over these 64 images "
-    "(target 25) after ~6,900 whole-VAE, 17,584 decoder-only and 7,160 anchored whole-VAE steps on 2 CPU cores; "
-    "the 1-pixel grey line is the gap",
+    reason="measured 2026-11-30 on the committed VAE (run 10): held-out-style PSNR 24.55 dB over these 256 images "
+    "(target 25); run 11 reaches 25.22 but halves what the quick preset learns of halftone (README, Status)",
 )
 
 
@@ -78,7 +77,8 @@ def test_vae_reconstructs_a_style_it_never_saw():
     vae = AutoencoderKL.from_pretrained(EMBEDDED_MODEL_DIR / "vae")
     rng = np.random.default_rng(123)
     held_out = world.VAE_HELD_OUT_STYLE
-    images = np.stack([world.render_styled(held_out, world.sample_scene(rng), rng) for _ in range(64)])
+    # 256 images: over batches of 64 the PSNR spreads by about ±0.4 dB, which is the size of the margin.
+    images = np.stack([world.render_styled(held_out, world.sample_scene(rng), rng) for _ in range(256)])
     recon = reconstruct(vae, images)
     assert psnr(recon, images) >= 25.0
     # The style survives: the frame stays white and its inner grey line stays darker than it.
@@ -116,7 +116,9 @@ def test_anchored_vae_continuation_keeps_the_latents_the_unet_learned():
     def latent_drift(anchor: float) -> float:
         vae = copy.deepcopy(starting)
         torch.manual_seed(0)
-        train_vae(vae, minutes=10, max_steps=20, seed=0, batch_size=4, lr=1e-3, anchor=anchor)
+        # The anchor pulls the latents back only once they have drifted: after 20 steps the two runs
+        # are still close (anchored/free 0.69 on run 11's VAE), after 40 they part (0.23; run 9's: 0.13).
+        train_vae(vae, minutes=10, max_steps=40, seed=0, batch_size=4, lr=1e-3, anchor=anchor)
         with torch.no_grad():
             before, after = starting.encode(plain).latent_dist.mean, vae.encode(plain).latent_dist.mean
         assert not torch.equal(vae.encoder.conv_in.weight, starting.encoder.conv_in.weight)
