@@ -194,6 +194,15 @@ def train_vae(
 
 
 @torch.no_grad()
+def take_decoder(vae: AutoencoderKL, donor: AutoencoderKL) -> None:
+    """Put `donor`'s decoder behind `vae`'s encoder. Anchored legs hold the plain scenes' latents, so a
+    decoder from a later leg fits an earlier leg's encoder, which may keep styled images' latents
+    easier for a LoRA to learn (README, Status)."""
+    vae.decoder.load_state_dict(donor.decoder.state_dict())
+    vae.post_quant_conv.load_state_dict(donor.post_quant_conv.state_dict())
+
+
+@torch.no_grad()
 def make_deterministic(vae: AutoencoderKL) -> None:
     """Pin the posterior's log-variance at its floor: the VAE was trained on the posterior mean.
 
@@ -306,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--vae-from", type=Path, default=None, help="start from a trained VAE folder (--vae-minutes 0: use it as is)")
+    parser.add_argument("--decoder-from", type=Path, default=None,
+                        help="with --vae-from: take the decoder of this trained VAE folder instead of its own")
     parser.add_argument("--vae-lr", type=float, default=1e-3, help="peak learning rate of the VAE (cosine decay)")
     parser.add_argument("--vae-anchor", type=float, default=0.0,
                         help="with --vae-from: weight holding plain scenes' latents to the starting encoder's, "
@@ -320,6 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.vae_anchor and not args.vae_from:
         parser.error("--vae-anchor holds the latents of a trained VAE: give it with --vae-from")
+    if args.decoder_from and not args.vae_from:
+        parser.error("--decoder-from puts a trained decoder behind a trained encoder: give the encoder's VAE with --vae-from")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -327,6 +340,8 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = write_tokenizer(args.out / "tokenizer")
     vae = AutoencoderKL.from_pretrained(args.vae_from) if args.vae_from else build_vae()
+    if args.decoder_from:
+        take_decoder(vae, AutoencoderKL.from_pretrained(args.decoder_from))
     if args.vae_minutes > 0:
         train_vae(vae, args.vae_minutes, max_steps, args.seed, batch_size=4 if args.smoke else 8, lr=args.vae_lr, anchor=args.vae_anchor)
         make_deterministic(vae)
