@@ -147,6 +147,11 @@ def plain_scene_batch(rng: np.random.Generator, batch_size: int) -> torch.Tensor
     return image_batch(lambda r: world.render(world.sample_scene(r)), rng, batch_size)
 
 
+def decoder_modules(vae: AutoencoderKL) -> list[torch.nn.Module]:
+    """What turns latents into images: everything the decoder-only stage trains."""
+    return [vae.decoder, vae.post_quant_conv]
+
+
 def train_vae(
     vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
     decoder_only: bool = False, anchor: float = 0.0,
@@ -156,7 +161,8 @@ def train_vae(
     VAE while holding the latents of plain scenes (all the UNet ever sees) to the starting encoder's,
     so the encoder can learn more of everything else without invalidating the UNet."""
     name = "decoder" if decoder_only else "vae"
-    parameters = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()] if decoder_only else list(vae.parameters())
+    modules = decoder_modules(vae) if decoder_only else [vae]
+    parameters = [parameter for module in modules for parameter in module.parameters()]
     vae.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
@@ -198,8 +204,8 @@ def take_decoder(vae: AutoencoderKL, donor: AutoencoderKL) -> None:
     """Put `donor`'s decoder behind `vae`'s encoder. Anchored legs hold the plain scenes' latents, so a
     decoder from a later leg fits an earlier leg's encoder, which may keep styled images' latents
     easier for a LoRA to learn (README, Status)."""
-    vae.decoder.load_state_dict(donor.decoder.state_dict())
-    vae.post_quant_conv.load_state_dict(donor.post_quant_conv.state_dict())
+    for module, donor_module in zip(decoder_modules(vae), decoder_modules(donor)):
+        module.load_state_dict(donor_module.state_dict())
 
 
 @torch.no_grad()
