@@ -1,6 +1,9 @@
 """Merge benchmark: Share's thin-SVD merge vs the published eig merge, on SD1.5-shaped layers.
 
-    python -m benchmarks.merge [--quick]
+    python -m benchmarks.merge [--quick] [--out DIR]
+
+Results go to runs/merge/ (untracked) unless --out says otherwise; benchmarks/results/merge.* are
+the committed ones, copied there on purpose.
 
 The SD1.5 UNet is built on the meta device (shapes only, nothing downloaded or run). Its 128
 attention projections (to_q/to_k/to_v/to_out.0) come in 6 distinct shapes; one layer of each
@@ -18,12 +21,12 @@ import json
 import platform
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from benchmarks.eig_baseline import eig_merge
+from benchmarks.output import add_output_option
 from share_diffusion.share import UNET_TARGET_MODULES, ShareConfig, initialize, merge_style, relative_error
 
 SD15_UNET_CONFIG = dict(
@@ -195,7 +198,7 @@ def per_shape_table(rows: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="time each merge once (eig) / 3 times (ours), not 3 / 5")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_output_option(parser, "merge")
     args = parser.parse_args()
     repeats_ours, repeats_eig = (3, 1) if args.quick else (5, 3)
     torch.set_num_threads(1)  # steadier timings on a shared machine; both merges get the same

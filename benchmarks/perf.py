@@ -1,6 +1,9 @@
 """Performance benchmark: Share vs plain LoRA (diffusers/PEFT) on the real SD1.5 UNet architecture.
 
-    python -m benchmarks.perf [--quick] [--device cuda --dtype fp16]
+    python -m benchmarks.perf [--quick] [--device cuda --dtype fp16] [--out DIR]
+
+Results go to runs/perf/ (untracked) unless --out says otherwise; benchmarks/results/perf*.* are
+the committed ones, copied there on purpose.
 
 The UNet is UNet2DConditionModel(**SD15_UNET_CONFIG) (benchmarks/merge.py) with random weights:
 860M parameters, nothing downloaded. Every figure that matters is a ratio of two things measured
@@ -51,6 +54,7 @@ from torch import nn
 
 from benchmarks import merge as merge_bench
 from benchmarks.merge import SD15_UNET_CONFIG
+from benchmarks.output import add_output_option
 from share_diffusion import lora_interop, share
 
 STYLE_RANK = 4
@@ -588,7 +592,7 @@ def main() -> None:
     )  # fmt: skip
     parser.add_argument("--no-lora-denoise", action="store_true", help="skip the diffusers LoRA reference in the denoising step")
     parser.add_argument("--merge-from", type=Path, default=None, help="read merge rows from a merge.json instead of rerunning")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    add_output_option(parser, "perf")
     args = parser.parse_args()
 
     started = time.perf_counter()
