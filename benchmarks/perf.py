@@ -20,7 +20,7 @@ side by side in the same run, on the same UNet object:
              an unfused Share mix of 2 styles, and (reference) diffusers with 2 unfused LoRA
              adapters, interleaved round by round.
   train      one optimizer step (batch 1, MSE on the noise, AdamW) of a Share style in training
-             (begin_style_training, all attention projections, rank 4, phi 8) vs a PEFT LoRA of
+             (begin_style_training, all attention projections, rank 4) vs a PEFT LoRA of
              rank 16 on the same projections, interleaved step by step; trainable parameters.
   library    one Share library vs N separate LoRA files, N = 10 and 100 (merge.py's counting).
 
@@ -58,7 +58,6 @@ from benchmarks.output import add_output_option
 from share_diffusion import lora_interop, share
 
 STYLE_RANK = 4
-PHI = 8
 LORA_RANK = 16
 LIBRARY_SIZES = (10, 100)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -492,9 +491,8 @@ def build_report(results: dict) -> tuple[str, dict]:
     lines = [
         "| method | trainable parameters | step time (s, best) | peak memory (GiB) |",
         "|---|---:|---:|---:|",
-        f"| Share, rank {STYLE_RANK}, φ {PHI} (library of {LIBRARY_SIZES[-1]} styles) | {params['share']:,} | "
+        f"| Share, rank {STYLE_RANK} (library of {LIBRARY_SIZES[-1]} styles; the same for any library) | {params['share']:,} | "
         f"{share_step:.2f} | {tr['peak_gib']['share'] if tr['peak_gib']['share'] is not None else NO_GPU} |",
-        f"| Share, rank {STYLE_RANK}, φ {PHI} (first style, empty library) | {params['share_first_style']:,} | – | – |",
         f"| PEFT LoRA, rank {LORA_RANK} | {params['lora']:,} | {lora_step:.2f} | "
         f"{tr['peak_gib']['lora'] if tr['peak_gib']['lora'] is not None else NO_GPU} |",
         f"| **Share / LoRA** | **{params['share'] / params['lora']:.3f}** | **{share_step / lora_step:.3f}** | |",
@@ -506,8 +504,8 @@ def build_report(results: dict) -> tuple[str, dict]:
         f"One optimizer step: batch 1, {settings['train_latent']}×{settings['train_latent']} latents, forward + "
         f"MSE + backward + AdamW, {settings['dtype']}"
         f"{' autocast' if settings['dtype'] != 'fp32' else ''}; same targets (all {env['attention_layers']} "
-        f"attention projections) for both; base frozen. Share: `begin_style_training` (trains loadings and the "
-        f"φ new directions). LoRA: `unet.add_adapter(LoraConfig(r={LORA_RANK}, lora_alpha={LORA_RANK}))`. "
+        f"attention projections) for both; base frozen. Share: `begin_style_training` (trains the new "
+        f"style's rank-{STYLE_RANK} factors). LoRA: `unet.add_adapter(LoraConfig(r={LORA_RANK}, lora_alpha={LORA_RANK}))`. "
         f"Steps interleaved, {settings['train_steps']} timed per method after one warm-up each.",
         "\n".join(lines),
     ]
@@ -630,7 +628,7 @@ def main() -> None:
     unet = UNet2DConditionModel(**SD15_UNET_CONFIG).eval().to(device, dtype)
     unet.requires_grad_(False)
     unet_parameters = sum(p.numel() for p in unet.parameters())
-    config = share.ShareConfig(rank=STYLE_RANK, phi=PHI)
+    config = share.ShareConfig(rank=STYLE_RANK)
     share_mods = share.inject_share_layers(unet, config)
     names = list(share_mods)
     plain_mods = {name: layer.base_layer for name, layer in share_mods.items()}
@@ -710,9 +708,6 @@ def main() -> None:
     share_params = share.begin_style_training(unet, "training", torch.Generator().manual_seed(3))
     for p in share_params:
         p.data = p.data.float()
-    share_first = sum(
-        (d_out + d_in) * PHI + 2 * PHI * STYLE_RANK for d_out, d_in in (l.base_layer.weight.shape for l in share_mods.values())
-    )
     put(unet, plain_mods)
     from peft import LoraConfig
 
@@ -733,7 +728,6 @@ def main() -> None:
     phase_done("training")
     params = dict(
         share=sum(p.numel() for p in share_params),
-        share_first_style=share_first,
         lora=sum(p.numel() for p in lora_params),
     )
 

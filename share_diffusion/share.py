@@ -8,8 +8,9 @@ style s the loadings L_A[s] (k_a×r_s), L_B[s] (k_b×r_s) and a scalar scale_s:
 
 The life of a style, one function each below:
   1. initialize    an empty layer has k = 0; the first style's merge creates the basis.
-  2. expand_basis  φ random directions orthogonal to the basis, one set per side (E_A, E_B).
-  3. train         A = [C_A, E_A] L_A, B = [C_B, E_B] L_B; only L_A, L_B, E_A, E_B learn.
+  2. expand        the basis is widened, for the training only, by the new style's own r
+                   directions per side: its factors B (d_out×r) and A (d_in×r).
+  3. train         only B and A learn, exactly as a LoRA's do (StyleInTraining).
   4. merge_style   thin SVD of every style's canonical factors gives the new basis.
   5. reproject     every style's loadings become the least-squares projection onto it.
 
@@ -37,7 +38,6 @@ StyleMix = dict[str, float] | list[dict[str, float]]
 @dataclass
 class ShareConfig:
     rank: int = 4  # r of a newly trained style
-    phi: int = 8  # new directions per side while training a style
     alpha: float | None = None  # scale = alpha / rank; None means alpha = rank
     max_basis_rank: int = 64  # cap on k per side
     energy_threshold: float = 0.999999999  # keep all but numerical noise of Σσ²
@@ -61,20 +61,6 @@ def initialize(d_out: int, d_in: int, device: torch.device | None = None) -> tup
     state = dict(device=device, dtype=torch.float32)
     no_styles = torch.zeros(0, 0, 0, **state)
     return torch.zeros(d_out, 0, **state), torch.zeros(d_in, 0, **state), no_styles, no_styles.clone()
-
-
-def expand_basis(basis: Tensor, phi: int, generator: torch.Generator | None = None) -> Tensor:
-    """φ random orthonormal directions orthogonal to the columns of basis (d×k) -> (d×φ'), float32.
-
-    φ' = min(φ, d − k). generator is a CPU generator (directions are drawn on the CPU).
-    """
-    d, k = basis.shape
-    phi = min(phi, d - k)
-    random = torch.randn(d, phi, generator=generator, dtype=torch.float64).to(basis.device)
-    basis = basis.to(torch.float64)
-    for _ in range(2):  # twice: one Gram-Schmidt pass loses orthogonality in floating point
-        random = random - basis @ (basis.mT @ random)
-    return torch.linalg.qr(random).Q.to(torch.float32)
 
 
 def canonical_factors(factors_b: Tensor, factors_a: Tensor) -> tuple[Tensor, Tensor]:
@@ -218,27 +204,31 @@ def relative_error(factors_b: Tensor, factors_a: Tensor, approx_b: Tensor, appro
 
 
 class StyleInTraining(nn.Module):
-    """The style being learned: A = [C_A, E_A] @ loadings_a, B = [C_B, E_B] @ loadings_b."""
+    """The style being learned, as free factors beside the basis: ΔW = scale · B Aᵀ.
 
-    def __init__(self, style: str, basis_b: Tensor, basis_a: Tensor, config: ShareConfig, generator=None):
+    B (d_out×r) starts at zero and A (d_in×r) as PEFT initialises lora_A (kaiming-uniform,
+    bound 1/√d_in), so a training step moves ΔW exactly as far as a LoRA step does, at every
+    layer width and whatever the library holds. merge_style then puts span(B), span(A) into
+    the basis: the widening of step 2 is these r columns per side.
+
+    Why not train loadings in a widened basis, B = [C_B, E_B] L_B with orthonormal columns:
+    an Adam step moves every entry of L_B by about lr, so B moves by ~lr·√(k+φ) per column
+    where a LoRA's B moves by ~lr·√d_out. That is 3-4× slower at d_out = 64-128 and 6-13× at
+    SD1.5's 320-1280 (benchmarks/results/step_size.md).
+    """
+
+    def __init__(self, style: str, d_out: int, d_in: int, config: ShareConfig, device=None, generator=None):
         super().__init__()
         self.style = style
         self.scale = config.scale
-        device = basis_a.device
-        self.extra_basis_a = nn.Parameter(expand_basis(basis_a, config.phi, generator))
-        self.extra_basis_b = nn.Parameter(expand_basis(basis_b, config.phi, generator))
-        k_a = basis_a.shape[1] + self.extra_basis_a.shape[1]
-        k_b = basis_b.shape[1] + self.extra_basis_b.shape[1]
-        bound = k_a**-0.5  # LoRA's kaiming_uniform(a=√5) bound, fan-in = k_a coordinates
-        loadings_a = torch.empty(k_a, config.rank).uniform_(-bound, bound, generator=generator)
-        self.loadings_a = nn.Parameter(loadings_a.to(device))
-        self.loadings_b = nn.Parameter(torch.zeros(k_b, config.rank, device=device))
+        bound = d_in**-0.5
+        factors_a = torch.empty(d_in, config.rank).uniform_(-bound, bound, generator=generator)
+        self.factors_a = nn.Parameter(factors_a.to(device))
+        self.factors_b = nn.Parameter(torch.zeros(d_out, config.rank, device=device))
 
-    def factors(self, basis_b: Tensor, basis_a: Tensor) -> tuple[Tensor, Tensor]:
-        """Full factors (B: d_out×r, A: d_in×r) with ΔW = scale · B Aᵀ."""
-        factors_b = torch.cat([basis_b, self.extra_basis_b], dim=1) @ self.loadings_b
-        factors_a = torch.cat([basis_a, self.extra_basis_a], dim=1) @ self.loadings_a
-        return factors_b, factors_a
+    def factors(self) -> tuple[Tensor, Tensor]:
+        """(B: d_out×r, A: d_in×r) with ΔW = scale · B Aᵀ."""
+        return self.factors_b, self.factors_a
 
 
 class ShareLinear(nn.Module):
@@ -284,7 +274,7 @@ class ShareLinear(nn.Module):
         y = self.base_layer(x)
         if self.style_in_training is not None:
             # Only the new style, so what it learns stands on its own after the merge.
-            factors_b, factors_a = self.style_in_training.factors(self.basis_b, self.basis_a)
+            factors_b, factors_a = self.style_in_training.factors()
             adapter = (x @ factors_a.to(x.dtype)) @ factors_b.mT.to(x.dtype)
             return y + self.style_in_training.scale * adapter
         if self.fused or self.mix is None:
@@ -384,11 +374,14 @@ class ShareLinear(nn.Module):
     # --- training -----------------------------------------------------------------------
 
     def begin_training(self, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
-        """Expand the basis by φ per side and return the new style's trainable parameters."""
+        """Start a new style's free factors and return them, the only trainable parameters."""
         self._require_idle()
         if style in self.style_ids:
             raise ValueError(f"style {style!r} exists; remove it first to retrain")
-        self.style_in_training = StyleInTraining(style, self.basis_b, self.basis_a, self.config, generator)
+        base = self.base_layer
+        self.style_in_training = StyleInTraining(
+            style, base.out_features, base.in_features, self.config, self.basis_a.device, generator
+        )
         return list(self.style_in_training.parameters())
 
     def finish_training(self) -> dict[str, float]:
@@ -396,8 +389,7 @@ class ShareLinear(nn.Module):
         training = self.style_in_training
         if training is None:
             raise RuntimeError("no style in training")
-        with torch.no_grad():
-            factors_b, factors_a = training.factors(self.basis_b, self.basis_a)
+        factors_b, factors_a = (factor.detach() for factor in training.factors())
         self.style_in_training = None
         return self.add_style(training.style, factors_b, factors_a, training.scale)
 
@@ -519,8 +511,8 @@ def export_style(model: nn.Module, style: str) -> dict[str, tuple[Tensor, Tensor
 
 
 def begin_style_training(model: nn.Module, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
-    """Freeze the whole model (it stays frozen afterwards), expand every Share layer and
-    return the trainable parameters."""
+    """Freeze the whole model (it stays frozen afterwards), start the new style's factors on
+    every Share layer and return them."""
     model.requires_grad_(False)
     return [p for layer in share_layers(model).values() for p in layer.begin_training(style, generator)]
 

@@ -275,7 +275,7 @@ def usable(library: StyleLibrary) -> None:
     meta = library.meta
     try:
         config = library.share_config()
-        for value in (config.rank, config.phi, config.max_basis_rank):
+        for value in (config.rank, config.max_basis_rank):
             assert type(value) is int and value > 0, f"share setting {value!r}"
         assert config.alpha is None or (type(config.alpha) in (int, float) and math.isfinite(config.alpha)), "alpha"
         assert type(config.energy_threshold) in (int, float) and 0 < config.energy_threshold <= 1, "energy_threshold"

@@ -314,7 +314,7 @@ def test_fuse_then_unfuse_restores_base_weights_and_outputs():
 
 def test_training_gradients_reach_only_the_new_style_and_merge_keeps_it():
     unet = tiny_unet()
-    layers = share.inject_share_layers(unet, ShareConfig(rank=4, phi=8))
+    layers = share.inject_share_layers(unet, ShareConfig(rank=4))
     g = torch.Generator().manual_seed(0)
     share.add_style(unet, "old", random_style(layers, 4, g), scale=0.05)
     share.set_active_styles(unet, {"old": 1.0})
@@ -328,13 +328,13 @@ def test_training_gradients_reach_only_the_new_style_and_merge_keeps_it():
         optimizer.step()
 
     trainable_ids = {id(p) for p in trainable}
-    assert len(trainable) == 4 * len(layers)
+    assert len(trainable) == 2 * len(layers)
     assert all(p.grad is not None for p in trainable)
     assert all(p.grad is None and not p.requires_grad for p in unet.parameters() if id(p) not in trainable_ids)
     assert all(not b.requires_grad for b in unet.buffers())
     trained = {}
     for name, layer in layers.items():
-        b, a = layer.style_in_training.factors(layer.basis_b, layer.basis_a)
+        b, a = layer.style_in_training.factors()
         trained[name] = (layer.style_in_training.scale * b.detach(), a.detach())
     assert any(b.abs().max() > 0 for b, _ in trained.values())
 
