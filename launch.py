@@ -82,12 +82,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: note: listening on {args.host}: other computers on your network can open Share Studio")
 
     try:
-        from share_diffusion import models
+        from share_diffusion.loading import load_pipeline
 
         from app.ui import build_app
 
         library = Path(args.library).expanduser() if args.library else DEFAULT_LIBRARY
-        pipe = models.load_pipeline(
+        pipe = load_pipeline(
             args.model,
             device=args.device,
             dtype=args.dtype,

@@ -2,7 +2,7 @@
 
 A thin layer: :func:`build_app` lays out the Generate, Train and Library tabs and wires their
 events to the handlers of :class:`app.callbacks.StudioCallbacks`, which only call
-``share_diffusion`` library functions and show :class:`~share_diffusion.models.ShareStudioError`
+``share_diffusion`` library functions and show :class:`~share_diffusion.errors.ShareStudioError`
 (and bad-input ``ValueError``) as ``gr.Error`` messages in the page.
 
 Concurrency: generation runs in its own queue (one at a time) and stays usable while a style
@@ -26,7 +26,9 @@ from app.callbacks import (
     StudioCallbacks,
     run_generate,
 )
-from share_diffusion import models
+from share_diffusion.generation import native_size, resolve_seed
+from share_diffusion.loading import model_info
+from share_diffusion.schedulers import SCHEDULERS, scheduler_name
 from share_diffusion.studio import CLASH_POLICIES, Studio
 from share_diffusion.training import PRESETS
 
@@ -42,9 +44,9 @@ def _style_choices(names: list[str], with_none: bool) -> list[tuple[str, str]]:
 
 def _generate_tab(cb: StudioCallbacks) -> dict:
     pipe = cb.pipe
-    current = models.scheduler_name(pipe)
+    current = scheduler_name(pipe)
     names = cb.style_names()
-    native_w, native_h = models.native_size(pipe)
+    native_w, native_h = native_size(pipe)
     size_step = max(pipe.vae_scale_factor, native_w // 8)
     c: dict = {}
     with gr.Row():
@@ -72,8 +74,8 @@ def _generate_tab(cb: StudioCallbacks) -> dict:
             c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="generate-steps")
             c["guidance"] = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG scale)")
             c["scheduler"] = gr.Dropdown(
-                choices=list(models.SCHEDULERS),
-                value=current if current in models.SCHEDULERS else None,
+                choices=list(SCHEDULERS),
+                value=current if current in SCHEDULERS else None,
                 label="Scheduler",
             )
             with gr.Row():
@@ -96,7 +98,7 @@ def _generate_tab(cb: StudioCallbacks) -> dict:
                         concurrency_id=GENERATE_QUEUE, api_name="generate")
     c["prompt"].submit(cb.generate, inputs=inputs, outputs=outputs, concurrency_limit=1,
                        concurrency_id=GENERATE_QUEUE, api_visibility="private")
-    c["random_seed"].click(lambda: models.resolve_seed(None), outputs=c["seed"], api_visibility="private")
+    c["random_seed"].click(lambda: resolve_seed(None), outputs=c["seed"], api_visibility="private")
     c["reuse_seed"].click(lambda used: -1 if used is None else used, inputs=c["used_seed"], outputs=c["seed"],
                           api_visibility="private")
     return c
@@ -216,9 +218,9 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
     output_dir = Path(output_dir) if output_dir else Path(tempfile.mkdtemp(prefix="share-studio-"))
     output_dir.mkdir(parents=True, exist_ok=True)
     if studio is None and library_path is not None:
-        studio = Studio(pipe, library_path, model_id=models.model_info(pipe).name)
+        studio = Studio(pipe, library_path, model_id=model_info(pipe).name)
     cb = StudioCallbacks(pipe, studio, output_dir, work_dir=work_dir)
-    info = models.model_info(pipe)
+    info = model_info(pipe)
     with gr.Blocks(title="Share Studio") as demo:
         gr.Markdown(
             f"## Share Studio\nModel **{info.name}** · fingerprint `{info.fingerprint}` · "

@@ -52,9 +52,10 @@ from diffusers import StableDiffusionPipeline
 from benchmarks import judge as judge_module
 from benchmarks.eig_baseline import eig_merge
 from share_diffusion import share, world
+from share_diffusion.fingerprint import model_fingerprint
 from share_diffusion.images import ImageSet, TrainingImage
 from share_diffusion.library import StyleLibrary, new_metadata
-from share_diffusion.models import load_pipeline, model_fingerprint
+from share_diffusion.loading import load_pipeline
 from share_diffusion.training import (
     StyleBatches,
     TrainingConfig,

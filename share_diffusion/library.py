@@ -36,7 +36,7 @@ try:
 except ImportError:  # Windows: the exclusively created lock file alone
     fcntl = None
 
-from .models import ShareStudioError
+from .errors import ShareStudioError, first_line
 from .share import ShareConfig
 
 FORMAT_VERSION = 1
@@ -44,7 +44,8 @@ METADATA_KEY = "share_studio"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
 MAX_NAME_LENGTH = 64
-COMPONENTS = ("unet", "text_encoder")
+#: The pipeline components a library can hold Share layers for.
+STORED_COMPONENTS = ("unet", "text_encoder")
 TENSOR_FIELDS = ("basis_a", "basis_b")
 STYLE_FIELDS = ("loadings_a", "loadings_b", "scale")
 
@@ -113,7 +114,6 @@ def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_en
         "target_modules": {"unet": list(config.target_modules), "text_encoder": list(text_encoder_modules or [])},
         "share": {
             "rank": config.rank,
-            "phi": config.phi,
             "alpha": config.alpha,
             "max_basis_rank": config.max_basis_rank,
             "energy_threshold": config.energy_threshold,
@@ -156,7 +156,6 @@ class StyleLibrary:
         share = self.meta["share"]
         return ShareConfig(
             rank=share["rank"],
-            phi=share["phi"],
             alpha=share["alpha"],
             max_basis_rank=share["max_basis_rank"],
             energy_threshold=share["energy_threshold"],
@@ -216,11 +215,6 @@ class StyleLibrary:
         return cls(meta, state)
 
 
-def first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0][:200] if text else type(error).__name__
-
-
 def read_header_metadata(data: bytes, source: str) -> dict:
     """Parse the safetensors header ourselves, with limits, before safetensors sees the file."""
     # A safetensors file has its JSON header from byte 8; its 8-byte length may itself start like a
@@ -274,8 +268,10 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         next_number = meta["next_style_number"]
         assert isinstance(meta["merges"], list) and isinstance(styles, list)
         assert isinstance(fingerprint, str) and isinstance(meta["base_model"]["id"], str)
-        assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in COMPONENTS)
-        assert integer(rank, 1, 1024) and integer(max_rank, 1, 4096) and integer(share["phi"], 1, 4096)
+        assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in STORED_COMPONENTS)
+        assert integer(rank, 1, 1024) and integer(max_rank, 1, 4096)
+        # "phi" (temporary basis directions) is written by libraries from before free-factor training.
+        assert "phi" not in share or integer(share["phi"], 1, 4096)
         assert share["alpha"] is None or number(share["alpha"])
         assert number(share["energy_threshold"]) and 0 < share["energy_threshold"] <= 1
         assert integer(next_number, 1, 10**9)
@@ -304,7 +300,7 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
     layers: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
         component, _, rest = key.partition(".")
-        if component not in COMPONENTS:
+        if component not in STORED_COMPONENTS:
             fail(f"unexpected tensor {key[:80]!r}")
         if tensor.dtype != torch.float32:
             fail(f"tensor {key[:80]!r} is {tensor.dtype}, expected float32")
@@ -509,7 +505,8 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def lora_file_bytes(state: dict[str, torch.Tensor], rank: int = 16, bytes_per_number: int = 2) -> int:
-    """What one plain rank-`rank` LoRA over the same layers would take (fp16, the common format)."""
+def estimated_lora_file_bytes(state: dict[str, torch.Tensor], rank: int = 16, bytes_per_number: int = 2) -> int:
+    """An estimate, not a measurement: the tensor bytes of one plain rank-`rank` LoRA over the
+    layers of this library's `state` (fp16, the common format), without the file's header."""
     numbers = sum(rank * (v.shape[0]) for k, v in state.items() if k.endswith((".basis_a", ".basis_b")))
     return numbers * bytes_per_number

@@ -35,11 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from . import share
+from .loading import PICKLE_SUFFIXES
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The component prefixes a diffusers/PEFT LoRA file may use (SDXL's second text encoder too, so
+#: its layers are reported as skipped rather than taken for UNet layers).
+LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_MODEL_PREFIX = "text_model."
 # Per-layer tensors of LoRA variants that are not ΔW = B Aᵀ (DoRA rescales the whole weight).
 _DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
@@ -253,7 +255,7 @@ def _split_components(state: dict[str, Tensor], skipped: dict[str, str]) -> dict
     for key, value in state.items():
         key = key.removeprefix("base_model.model.")  # PEFT's own save_pretrained
         component, _, rest = key.partition(".")
-        if component not in COMPONENTS:  # no prefix: a bare UNet or CLIP PEFT state dict
+        if component not in LORA_COMPONENTS:  # no prefix: a bare UNet or CLIP PEFT state dict
             component, rest = ("text_encoder" if key.startswith((TEXT_MODEL_PREFIX, "encoder.layers.")) else "unet"), key
         parts.setdefault(component, {})[rest] = value
     if "unet" in parts and not all(".lora_A." in k or ".lora_B." in k or k.endswith(".alpha") for k in parts["unet"]):
@@ -297,7 +299,7 @@ def _adapter_configs(metadata: Mapping[str, str]) -> dict[str, object]:
     except json.JSONDecodeError as error:
         raise LoraFormatError(f"unreadable {LORA_ADAPTER_METADATA_KEY} metadata ({error})") from None
     configs = {}
-    for component in COMPONENTS:
+    for component in LORA_COMPONENTS:
         kwargs = {k.removeprefix(f"{component}."): v for k, v in packed.items() if k.startswith(f"{component}.")}
         if kwargs:
             try:

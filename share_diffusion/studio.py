@@ -28,14 +28,15 @@ from .library import (
     check_style_name,
     check_trigger,
     default_trigger,
-    lora_file_bytes,
+    estimated_lora_file_bytes,
     new_metadata,
     style_name_from,
     utc_now,
     write_atomically,
 )
 from .lora_interop import export_lora, read_lora, save_lora
-from .models import generate_images, model_fingerprint
+from .fingerprint import model_fingerprint
+from .generation import generate_images
 from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
@@ -121,7 +122,7 @@ class Studio:
 
     def info(self) -> dict:
         count = len(self.library.styles)
-        one_lora = lora_file_bytes(self.library.state) if self.library.state else 0
+        one_lora = estimated_lora_file_bytes(self.library.state) if self.library.state else 0
         return {
             "path": str(self.path),
             "base_model": self.library.meta["base_model"]["id"],

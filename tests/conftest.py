@@ -249,6 +249,6 @@ def tiny_single_file(tiny_pipeline_dir, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_pipe(tiny_pipeline_dir):
     """A loaded tiny pipeline shared by read-only tests (do not mutate it)."""
-    from share_diffusion.models import load_pipeline
+    from share_diffusion.loading import load_pipeline
 
     return load_pipeline(str(tiny_pipeline_dir), device="cpu", progress=False)

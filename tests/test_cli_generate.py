@@ -12,10 +12,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
-from share_diffusion import cli, models
+from share_diffusion import cli
+from share_diffusion.errors import ModelLoadError
+from share_diffusion.fingerprint import model_fingerprint
+from share_diffusion.png_metadata import read_png_metadata
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -57,10 +61,11 @@ def test_cli_generate_writes_pngs_with_metadata(tiny_pipeline_dir, tmp_path):
     paths = [out.with_name("cat-0.png"), out.with_name("cat-1.png")]
     assert result.stdout.splitlines() == [f"saved {paths[0]} (seed 11)", f"saved {paths[1]} (seed 12)"]
     for i, path in enumerate(paths):
-        meta = models.read_png_metadata(path)
+        meta = read_png_metadata(path)
         assert meta["prompt"] == "the cat" and meta["negative_prompt"] == "blurry"
         assert (meta["seed"], meta["steps"], meta["guidance"], meta["scheduler"]) == (11 + i, 2, 5.0, "euler_a")
-        assert meta["model"] == tiny_pipeline_dir.name and len(meta["model_hash"]) == 16
+        assert meta["model"] == tiny_pipeline_dir.name and len(meta["base_fingerprint"]) == 16
+        assert "model_hash" not in meta  # a diffusers folder has no A1111 checkpoint-file hash
         with Image.open(path) as image:
             assert image.size == (64, 64)
             assert "Seed: %d" % (11 + i) in image.text["parameters"]
@@ -104,9 +109,9 @@ def test_cli_usage_error_is_one_line(capsys):
 
 
 def test_cli_debug_shows_the_real_exception(tmp_path):
-    with pytest.raises(models.ModelLoadError):
+    with pytest.raises(ModelLoadError):
         cli.main(["generate", "--debug", "--prompt", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
-    with pytest.raises(models.ModelLoadError):  # --debug before the command works too
+    with pytest.raises(ModelLoadError):  # --debug before the command works too
         cli.main(["--debug", "generate", "--prompt", "x", "--model", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")])
 
 
@@ -140,10 +145,17 @@ def test_generate_tab_callback_saves_pngs_with_metadata(tiny_pipe, tmp_path):
     assert isinstance(demo, gr.Blocks)
     paths, used = run_generate(tiny_pipe, tmp_path / "outputs", "the cat", "", -1, 2, 4.0, "dpm++", 2.0)
     assert 0 <= used < 2**32 and len(paths) == 2
-    meta = [models.read_png_metadata(p) for p in paths]
+    meta = [read_png_metadata(p) for p in paths]
     assert [m["seed"] for m in meta] == [used, used + 1]
-    assert meta[0]["scheduler"] == "dpm++" and meta[0]["model_hash"] == models.model_fingerprint(tiny_pipe)
-    again, used_again = run_generate(tiny_pipe, tmp_path / "outputs", "the cat", "", used, 2, 4.0, "dpm++", 1)
+    assert meta[0]["scheduler"] == "dpm++" and meta[0]["base_fingerprint"] == model_fingerprint(tiny_pipe)
+    # The same seed and settings redraw the same pictures, pixel for pixel (the same batch size,
+    # since batched math may round a pixel level differently from a single image).
+    again, used_again = run_generate(tiny_pipe, tmp_path / "again", "the cat", "", used, 2, 4.0, "dpm++", 2)
     assert used_again == used
-    with Image.open(again[0]) as a, Image.open(paths[0]) as b:
-        assert a.size == b.size == (64, 64)
+    for first, second in zip(paths, again, strict=True):
+        with Image.open(first) as a, Image.open(second) as b:
+            assert a.size == (64, 64)
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    different, _ = run_generate(tiny_pipe, tmp_path / "other", "the cat", "", used + 2, 2, 4.0, "dpm++", 1)
+    with Image.open(different[0]) as a, Image.open(paths[0]) as b:
+        assert not np.array_equal(np.asarray(a), np.asarray(b))  # the comparison can tell images apart

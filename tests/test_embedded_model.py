@@ -8,7 +8,8 @@ import torch
 from diffusers import AutoencoderKL, StableDiffusionPipeline
 
 from share_diffusion import world
-from share_diffusion.models import EMBEDDED_MODEL_DIR, generate_images, load_pipeline
+from share_diffusion.generation import generate_images
+from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 
 PROMPTS = [
     "a red circle on a blue background",

@@ -75,7 +75,7 @@ def write_report():
 
 @pytest.fixture(scope="module")
 def model_dir(request) -> str:
-    from share_diffusion.models import EMBEDDED_MODEL_DIR
+    from share_diffusion.loading import EMBEDDED_MODEL_DIR
 
     if os.environ.get("SHARE_TEST_MODEL"):
         return os.environ["SHARE_TEST_MODEL"]
@@ -451,7 +451,7 @@ BAD_METADATA = {
     "rank is a boolean": lambda m: m["share"].update(rank=True),
     "rank is infinite": lambda m: m["share"].update(rank=float("inf")),
     "energy threshold 10**400": lambda m: m["share"].update(energy_threshold=10**400),
-    "phi missing": lambda m: m["share"].pop("phi"),
+    "phi is text (a library from before free-factor training)": lambda m: m["share"].update(phi="8"),
     "alpha is text": lambda m: m["share"].update(alpha="x"),
     "base model id missing": lambda m: m["base_model"].pop("id"),
     "target modules is a string": lambda m: m["target_modules"].update(unet="to_q"),
@@ -647,7 +647,7 @@ def images(style: str, count: int = 4) -> list[Path]:
 
 @pytest.fixture
 def studio(model_dir, tmp_path):
-    from share_diffusion.models import load_pipeline
+    from share_diffusion.loading import load_pipeline
     from share_diffusion.studio import Studio
 
     return Studio(load_pipeline(model_dir, device="cpu", progress=False), tmp_path / "library.safetensors")
@@ -656,7 +656,7 @@ def studio(model_dir, tmp_path):
 RENAMER = r"""
 import sys, time
 from share_diffusion.library import LibraryLock, LibraryLockedError
-from share_diffusion.models import load_pipeline
+from share_diffusion.loading import load_pipeline
 from share_diffusion.studio import Studio
 
 inside = []  # (entered, left) of every lock this process held, in CLOCK_MONOTONIC ns

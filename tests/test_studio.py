@@ -12,7 +12,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from share_diffusion.library import LibraryError, LibraryLockedError, StyleLibrary
-from share_diffusion.models import EMBEDDED_MODEL_DIR, load_pipeline
+from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.studio import Studio, library_style_factors
 from share_diffusion.training import TrainingCancelled, TrainingConfig, TrainingFailed, sample_noise
 
