@@ -3,11 +3,11 @@
 :class:`StudioCallbacks` holds what one running app shares between its tabs (the pipeline, the
 :class:`~share_diffusion.studio.Studio` with its style library, a scratch folder) and has one
 method per Gradio event.  The methods only call library functions (``Studio``,
-``models.generate_images``, ``images.load_training_images``...) and format their results for the
+``generation.generate_images``, ``images.load_training_images``...) and format their results for the
 page; :mod:`app.ui` lays out the components and wires these methods to them.  Tests call the
 methods directly.
 
-Errors: every handler turns :class:`~share_diffusion.models.ShareStudioError`, ``ValueError`` (bad
+Errors: every handler turns :class:`~share_diffusion.errors.ShareStudioError`, ``ValueError`` (bad
 input) and ``OSError`` into a ``gr.Error`` whose text is the one-line message, never a traceback.
 The library rolls back failed changes itself, so an error never loses a style.
 """
@@ -33,9 +33,11 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from share_diffusion import models
+from share_diffusion.errors import ShareStudioError
+from share_diffusion.generation import generate_images, native_size, resolve_seed
 from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
+from share_diffusion.png_metadata import read_png_metadata, save_generated, save_png
 from share_diffusion.studio import CLASH_POLICIES, Studio
 from share_diffusion.training import PRESETS, TrainingCancelled, TrainingProgress, training_config, with_trigger
 
@@ -63,7 +65,7 @@ REJECTED_HEADERS = ["file", "reason"]
 def _as_gradio_error(error: BaseException) -> gr.Error:
     if isinstance(error, gr.Error):
         return error
-    if isinstance(error, (models.ShareStudioError, ValueError)):
+    if isinstance(error, (ShareStudioError, ValueError)):
         return gr.Error(str(error))
     if isinstance(error, OSError):
         return gr.Error(f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
@@ -188,7 +190,7 @@ def run_generate(
     and the library file's hash.  Gradio sliders and numbers deliver floats; they are converted
     here so the library functions get ints.
     """
-    used_seed = models.resolve_seed(None if seed is None else int(seed))
+    used_seed = resolve_seed(None if seed is None else int(seed))
     options = dict(
         negative_prompt=negative or "",
         seed=used_seed,
@@ -210,10 +212,10 @@ def run_generate(
                                         add_trigger=bool(add_trigger), **options)
         prompt = extra.pop("prompt")
     else:
-        images = models.generate_images(pipe, prompt, **options)
+        images = generate_images(pipe, prompt, **options)
     stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     paths = [Path(output_dir) / f"{stamp}-{used_seed + i}.png" for i in range(len(images))]
-    saved = models.save_generated(
+    saved = save_generated(
         pipe,
         images,
         paths,
@@ -261,7 +263,7 @@ class StudioCallbacks:
         return self.studio.style_names() if self.studio else []
 
     def resolution(self) -> int:
-        return models.native_size(self.pipe)[0]
+        return native_size(self.pipe)[0]
 
     def example_styles(self) -> list[str]:
         if not self.examples_dir.is_dir():
@@ -297,7 +299,7 @@ class StudioCallbacks:
         images, extra = studio.generate(prompt, style=name, add_trigger=False, seed=SAMPLE_SEED, steps=SAMPLE_STEPS,
                                         guidance=SAMPLE_GUIDANCE)
         out = out or self._sample_path(record)
-        models.save_generated(self.pipe, images, [out], seed=SAMPLE_SEED, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
+        save_generated(self.pipe, images, [out], seed=SAMPLE_SEED, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
                               **extra)
         return out
 
@@ -372,7 +374,7 @@ class StudioCallbacks:
             studio=self.studio, style=style or None, strength=strength, mix_style=mix_style or None,
             mix_weight=mix_weight, add_trigger=add_trigger, width=width, height=height,
         )
-        meta = models.read_png_metadata(paths[0])
+        meta = read_png_metadata(paths[0])
         styles = ", ".join(f"{n} × {w:g}" for n, w in meta.get("styles", {}).items()) or "none"
         note = f"Prompt used: *{_markdown_cell(meta.get('prompt', ''))}* · styles: {_markdown_cell(styles)} · seed {used}"
         if meta.get("library_hash"):
@@ -473,7 +475,7 @@ class StudioCallbacks:
         def on_preview(step: int, images: list) -> None:
             paths = [preview_dir / f"step{step:05d}-{i}.png" for i in range(len(images))]
             for image, path in zip(images, paths):
-                models.save_png(image, path, {"style": name, "training_step": step, "seed": 0})
+                save_png(image, path, {"style": name, "training_step": step, "seed": 0})
             events.put(("preview", step, paths))
 
         def work() -> None:

@@ -64,9 +64,9 @@ def add_model_options(parser: argparse.ArgumentParser) -> None:
 
 def load_model_from_args(args: argparse.Namespace):
     """Load the pipeline selected by :func:`add_model_options` options."""
-    from . import models
+    from .loading import load_pipeline
 
-    return models.load_pipeline(
+    return load_pipeline(
         args.model,
         device=args.device,
         dtype=args.dtype,
@@ -129,15 +129,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CommandError(f"--out is a folder: {args.out!r}; give a file name like {out / 'image.png'}")
 
-    from . import models
+    from .generation import generate_images, resolve_seed
+    from .png_metadata import numbered_output_paths, save_generated
+    from .schedulers import canonical_scheduler_name
 
     if args.scheduler:
-        models.canonical_scheduler_name(args.scheduler)  # fail before the (slow) model load
+        canonical_scheduler_name(args.scheduler)  # fail before the (slow) model load
     mix = parse_mix(args.mix)
     if (args.style or mix) and not args.library:
         raise CommandError("--style and --mix need --library")
     pipe = load_model_from_args(args)
-    seed = models.resolve_seed(args.seed)
+    seed = resolve_seed(args.seed)
     options = dict(negative_prompt=args.negative, seed=seed, steps=args.steps, guidance=args.guidance)
     extra = {}
     if args.style or mix:
@@ -148,14 +150,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
         options["prompt"] = extra.pop("prompt")
     else:
-        images = models.generate_images(
+        images = generate_images(
             pipe, args.prompt, width=args.width, height=args.height, num_images=args.num_images,
             scheduler=args.scheduler, **options,
         )
         options["prompt"] = args.prompt
     options["negative_prompt"] = options.pop("negative_prompt")
-    paths = models.save_generated(
-        pipe, images, models.numbered_output_paths(out, len(images)), scheduler=args.scheduler, **options, **extra
+    paths = save_generated(
+        pipe, images, numbered_output_paths(out, len(images)), scheduler=args.scheduler, **options, **extra
     )
     for i, path in enumerate(paths):
         print(f"saved {path} (seed {seed + i})")
@@ -189,11 +191,11 @@ def add_library_option(parser: argparse.ArgumentParser, required: bool = True) -
 
 
 def open_studio(args: argparse.Namespace, pipe=None):
-    from . import models
+    from .loading import model_info
     from .studio import Studio
 
     pipe = pipe or load_model_from_args(args)
-    return Studio(pipe, args.library, model_id=models.model_info(pipe).name)
+    return Studio(pipe, args.library, model_id=model_info(pipe).name)
 
 
 def register_train(subparsers) -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from .images import ImageSet
-from .models import ShareStudioError
+from .errors import ShareStudioError
 from .share import begin_style_training, share_layers
 
 

@@ -19,9 +19,10 @@ gr = pytest.importorskip("gradio")
 
 from app.callbacks import NO_STYLE, StudioCallbacks  # noqa: E402
 from app.ui import build_app  # noqa: E402
-from share_diffusion import models  # noqa: E402
+from share_diffusion.generation import native_size  # noqa: E402
 from share_diffusion.library import StyleLibrary  # noqa: E402
-from share_diffusion.models import EMBEDDED_MODEL_DIR, load_pipeline  # noqa: E402
+from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline, model_info  # noqa: E402
+from share_diffusion.png_metadata import read_png_metadata  # noqa: E402
 from share_diffusion.studio import Studio  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,7 +38,7 @@ def pipe():
 
 
 def make_callbacks(pipe, folder: Path, name: str = "library.safetensors") -> StudioCallbacks:
-    studio = Studio(pipe, folder / name, model_id=models.model_info(pipe).name)  # (re)attaches its own Share state
+    studio = Studio(pipe, folder / name, model_id=model_info(pipe).name)  # (re)attaches its own Share state
     return StudioCallbacks(pipe, studio, folder / "outputs", work_dir=folder / "work")
 
 
@@ -58,7 +59,7 @@ def train(cb: StudioCallbacks, files, name: str, trigger: str = "", settings=FEW
 
 
 def generate(cb: StudioCallbacks, style=NO_STYLE, mix_style=NO_STYLE, mix_weight=0.5, seed=5, strength=1.0):
-    width, height = models.native_size(cb.pipe)
+    width, height = native_size(cb.pipe)
     return cb.generate("a red circle on a blue background", "", style, strength, mix_style, mix_weight, True, seed, 4, 4.0,
                        None, width, height, 1)
 
@@ -91,12 +92,12 @@ def test_example_upload_train_and_generate_with_the_new_style(cb, tmp_path):
 
     paths, used, downloads, note = generate(cb, style="Hatching")
     assert used == 5 and downloads == paths and len(paths) == 1
-    meta = models.read_png_metadata(paths[0])
+    meta = read_png_metadata(paths[0])
     assert meta["prompt"] == "a red circle on a blue background, in hatching style"
     assert meta["styles"] == {"Hatching": 1.0} and meta["seed"] == 5
     assert meta["library_hash"] == cb.studio.library_hash() and "hatching style" in note
     plain, _, _, _ = generate(cb)
-    assert "styles" not in models.read_png_metadata(plain[0])
+    assert "styles" not in read_png_metadata(plain[0])
     assert np.abs(pixels(plain[0]) - pixels(paths[0])).max() > 1  # the style changes the image
 
 
@@ -109,7 +110,7 @@ def test_second_style_shows_earlier_styles_before_and_after_the_merge(cb):
     assert [row[0] for row in errors] == ["Hatching"] and float(errors[0][2]) <= 1e-4
 
     paths, _, _, _ = generate(cb, style="Hatching", mix_style="Neon", mix_weight=0.5)
-    assert models.read_png_metadata(paths[0])["styles"] == {"Neon": 0.5, "Hatching": 1.0}
+    assert read_png_metadata(paths[0])["styles"] == {"Neon": 0.5, "Hatching": 1.0}
     rows = cb.library_rows(make_samples=True)
     assert [row[1] for row in rows] == ["Hatching", "Neon"]
     assert all(row[0].startswith('<img src="data:image/png;base64,') for row in rows)

@@ -23,9 +23,9 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="browser test needs
 gr = pytest.importorskip("gradio")
 
 from app.ui import build_app  # noqa: E402
-from share_diffusion import models  # noqa: E402
 from share_diffusion.library import StyleLibrary  # noqa: E402
-from share_diffusion.models import EMBEDDED_MODEL_DIR, load_pipeline  # noqa: E402
+from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline  # noqa: E402
+from share_diffusion.png_metadata import read_png_metadata  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "styles" / "examples"
@@ -178,14 +178,14 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     page.locator("#generate-gallery img").first.wait_for()
     used_seed = int(page.input_value("#used-seed input"))
     pngs = sorted(demo.share_output_dir.glob("*.png"))
-    meta = models.read_png_metadata(pngs[-1])
+    meta = read_png_metadata(pngs[-1])
     assert meta["styles"] == {"Neon Test": 1.0} and meta["seed"] == used_seed
     assert meta["library_hash"] == demo.share_studio.library_hash()
     with page.expect_download() as download:
         page.locator("#generate-downloads a[download]").first.click()
     saved_png = tmp_path / download.value.suggested_filename
     download.value.save_as(saved_png)
-    assert models.read_png_metadata(saved_png)["styles"] == {"Neon Test": 1.0}  # metadata survives the download
+    assert read_png_metadata(saved_png)["styles"] == {"Neon Test": 1.0}  # metadata survives the download
     screenshot(page, tmp_path, "generate.png")
 
     # A long training: generating still works meanwhile, and Cancel leaves the library as it was.
