@@ -203,7 +203,7 @@ def train_vae(
 def take_decoder(vae: AutoencoderKL, donor: AutoencoderKL) -> None:
     """Put `donor`'s decoder behind `vae`'s encoder. Anchored legs hold the plain scenes' latents, so a
     decoder from a later leg fits an earlier leg's encoder, which may keep styled images' latents
-    easier for a LoRA to learn (README, Status)."""
+    easier for a LoRA to learn (docs/embedded_model.md, Status)."""
     for module, donor_module in zip(decoder_modules(vae), decoder_modules(donor)):
         module.load_state_dict(donor_module.state_dict())
 
