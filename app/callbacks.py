@@ -20,7 +20,6 @@ import html
 import inspect
 import io
 import logging
-import queue
 import secrets
 import shutil
 import tempfile
@@ -40,6 +39,7 @@ from share_diffusion.library import LibraryError, check_style_name, default_trig
 from share_diffusion.png_metadata import read_png_metadata, save_generated, save_png
 from share_diffusion.studio import CLASH_POLICIES, Studio
 from share_diffusion.training import PRESETS, TrainingCancelled, TrainingProgress, training_config, with_trigger
+from share_diffusion.training_job import TrainingJob, TrainingPreview
 
 logger = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class StudioCallbacks:
         # Uploads staged for training, exports and samples: in the temp dir, which Gradio may serve.
         self.work_dir = Path(work_dir) if work_dir else Path(tempfile.mkdtemp(prefix="share-studio-work-"))
         self.examples_dir = Path(examples_dir)
-        self._cancel: threading.Event | None = None  # the running training's cancel flag
+        self._job: TrainingJob | None = None  # the running training
         self._samples_lock = threading.Lock()
 
     # --- helpers ---------------------------------------------------------------------------
@@ -444,16 +444,16 @@ class StudioCallbacks:
         if not config.learning_rate > 0:
             raise ValueError("the learning rate must be above 0")
 
-        cancel = threading.Event()
-        self._cancel = cancel
+        job = TrainingJob(studio, [folder], name, trigger=trigger or None, config=config, preset=preset or "quick")
+        self._job = job
         try:
-            yield from self._train(studio, folder, name, trigger, preset, config, cancel, progress)
+            yield from self._train(studio, job, name, config, progress)
         finally:
-            if self._cancel is cancel:
-                self._cancel = None
+            job.stop()  # if the page went away mid-training: the training rolls back
+            if self._job is job:
+                self._job = None
 
-    def _train(self, studio: Studio, folder: Path, name: str, trigger: str | None, preset: str | None, config,
-               cancel: threading.Event, progress) -> Iterator[tuple]:
+    def _train(self, studio: Studio, job: TrainingJob, name: str, config, progress) -> Iterator[tuple]:
         # Earlier styles, before the merge: rendered now with the main pipeline (training uses a copy).
         compared = studio.style_names()[-MAX_COMPARED_STYLES:]
         comparison: list[tuple[str, str]] = []
@@ -461,74 +461,44 @@ class StudioCallbacks:
         for number, earlier in enumerate(compared, 1):
             progress((number - 1, len(compared)), desc="Rendering earlier styles before the merge")
             yield f"Rendering earlier styles before the merge ({number}/{len(compared)})…", [], comparison, []
-            if cancel.is_set():
+            if job.cancel_requested:
                 gr.Warning("training cancelled before it started; the library is unchanged")
                 yield "Cancelled before the training started; the library is unchanged.", [], comparison, []
                 return
             path = self.render_sample(earlier, before_dir / f"{number:02d}-before.png")
             comparison.append((str(path), f"{earlier} · before"))
 
-        events: queue.Queue = queue.Queue()
-        outcome: dict = {}
         preview_dir = self._new_dir("previews")
-
-        def on_preview(step: int, images: list) -> None:
-            paths = [preview_dir / f"step{step:05d}-{i}.png" for i in range(len(images))]
-            for image, path in zip(images, paths):
-                save_png(image, path, {"style": name, "training_step": step, "seed": 0})
-            events.put(("preview", step, paths))
-
-        def work() -> None:
-            try:
-                outcome["result"] = studio.train([folder], name, trigger=trigger or None, config=config,
-                                                 preset=preset or "quick", progress=events.put, preview=on_preview,
-                                                 cancel=cancel)
-            except BaseException as error:  # noqa: BLE001 - handed to the page below
-                outcome["error"] = error
-            finally:
-                events.put(("done",))
-
-        worker = threading.Thread(target=work, name=f"train-{name}", daemon=True)
         previews: list[tuple[str, str]] = []
         status = f"Training **{name}**: preparing the images…"
-        worker.start()
-        try:
-            yield status, previews, comparison, []
-            last_yield, done = 0.0, False
-            while not done:
-                try:
-                    event = events.get(timeout=0.5)
-                except queue.Empty:
-                    continue
-                changed = False
-                if isinstance(event, TrainingProgress):
-                    progress((event.step, event.total_steps), desc=event.describe())
-                    status = f"Training **{name}**: {event.describe()}"
-                    if event.step == event.total_steps:
-                        status = f"Training **{name}**: merging it into the library…"
-                elif event[0] == "preview":
-                    previews = previews + [(str(p), f"step {event[1]}") for p in event[2]]
-                    changed = True
-                else:
-                    done = True
-                if changed or time.monotonic() - last_yield > 0.5:
-                    last_yield = time.monotonic()
-                    yield status, previews, comparison, []
-        finally:
-            if worker.is_alive():  # the page went away: stop the training, which rolls back
-                cancel.set()
-                worker.join()
+        job.start()
+        yield status, previews, comparison, []
+        last_yield = 0.0
+        for event in job.events():
+            if isinstance(event, TrainingProgress):
+                progress((event.step, event.total_steps), desc=event.describe())
+                status = f"Training **{name}**: {event.describe()}"
+                if event.step == event.total_steps:
+                    status = f"Training **{name}**: merging it into the library…"
+            else:
+                paths = [preview_dir / f"step{event.step:05d}-{i}.png" for i in range(len(event.images))]
+                for image, path in zip(event.images, paths):
+                    save_png(image, path, {"style": name, "training_step": event.step, "seed": 0})
+                previews = previews + [(str(p), f"step {event.step}") for p in paths]
+            if isinstance(event, TrainingPreview) or time.monotonic() - last_yield > 0.5:
+                last_yield = time.monotonic()
+                yield status, previews, comparison, []
 
-        if "error" in outcome:
-            error = outcome["error"]
-            if isinstance(error, TrainingCancelled):
-                gr.Warning(str(error))
-                yield f"Cancelled: {error}", previews, comparison, []
-                return
+        try:
+            result = job.result()
+        except TrainingCancelled as error:
+            gr.Warning(str(error))
+            yield f"Cancelled: {error}", previews, comparison, []
+            return
+        except BaseException as error:  # noqa: BLE001 - shown on the page, then re-raised
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             yield f"**{name}** was not learned: {first_line}", previews, comparison, []
-            raise error
-        result = outcome["result"]
+            raise
         skipped = f" {len(result.rejected)} rejected file(s) were skipped (see the list)." if result.rejected else ""
 
         # After the merge: the same samples again, and each earlier style's reconstruction error.
@@ -547,11 +517,11 @@ class StudioCallbacks:
                previews, pairs, errors)
 
     def cancel_training(self) -> str:
-        cancel = self._cancel
-        if cancel is None:
+        job = self._job
+        if job is None:
             gr.Info("No training is running")
             return "No training is running."
-        cancel.set()
+        job.cancel()
         return "Cancelling: the training stops at the next step and the library stays as it was…"
 
     # --- Library tab -------------------------------------------------------------------------

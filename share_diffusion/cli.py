@@ -225,11 +225,10 @@ def register_train(subparsers) -> argparse.ArgumentParser:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    import threading
-
     from tqdm import tqdm
 
-    from .training import TrainingCancelled, training_config
+    from .training import TrainingCancelled, TrainingProgress, training_config
+    from .training_job import TrainingJob
 
     config = training_config(
         args.preset, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank, phi=args.phi,
@@ -237,39 +236,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
     )
     studio = open_studio(args)
-    cancel = threading.Event()
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr)
-
-    def progress(p):
-        bar.update(p.step - bar.n)
-        bar.set_postfix(loss=f"{p.loss:.4f}")
-
-    # The work runs in a thread so that Ctrl-C here only sets the cancel flag: the training stops at
-    # the next step and rolls back, instead of being torn down half-way through a save.
-    outcome = {}
-
-    def work():
-        try:
-            outcome["result"] = studio.train(args.images, args.name, trigger=args.trigger, config=config,
-                                             preset=args.preset, progress=progress, cancel=cancel)
-        except BaseException as error:  # noqa: BLE001 - re-raised in the main thread
-            outcome["error"] = error
-
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
+    job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset).start()
     try:
-        while worker.is_alive():
-            worker.join(0.2)
+        for event in job.events():
+            if isinstance(event, TrainingProgress):
+                bar.update(event.step - bar.n)
+                bar.set_postfix(loss=f"{event.loss:.4f}")
     except KeyboardInterrupt:
-        cancel.set()
-        worker.join()
+        # Ctrl-C only sets the cancel flag: the training stops at the next step and rolls back,
+        # instead of being torn down half-way through a save.
+        job.cancel()
     bar.close()
-    if "error" in outcome:
-        if isinstance(outcome["error"], TrainingCancelled):
-            print(f"{PROG}: {outcome['error']}", file=sys.stderr)
-            return 130
-        raise outcome["error"]
-    result = outcome["result"]
+    try:
+        result = job.result()
+    except TrainingCancelled as error:
+        print(f"{PROG}: {error}", file=sys.stderr)
+        return 130
     for rejected in result.rejected:
         print(f"skipped {rejected}", file=sys.stderr)
     print(f"learned style {result.name!r}; library saved to {args.library}")

@@ -202,12 +202,12 @@ def test_cancel_stops_the_training_and_generation_stays_usable_meanwhile(cb):
         status = next(updates)[0]
     # The training now runs in its worker thread; the Generate tab still works.
     paths, _, _, _ = generate(cb)
-    assert Path(paths[0]).exists() and cb._cancel is not None
+    assert Path(paths[0]).exists() and cb._job is not None
     assert "Cancelling" in cb.cancel_training()
     final = list(updates)[-1][0]
     assert final.startswith("Cancelled") and "library is unchanged" in final
     assert not cb.studio.path.exists() and cb.studio.style_names() == []
-    assert cb._cancel is None and cb.cancel_training() == "No training is running."
+    assert cb._job is None and cb.cancel_training() == "No training is running."
 
 
 def test_closing_the_page_mid_training_cancels_it(cb):

@@ -119,7 +119,7 @@ def wait_for_train_status(page, demo, text: str) -> None:
     except sync_api.TimeoutError:
         status = page.locator("#train-status").inner_text()
         toasts = page.locator(".toast-body").all_inner_texts()
-        training = demo.share_callbacks._cancel is not None
+        training = demo.share_callbacks._job is not None
         raise AssertionError(f"train status never showed {text!r}: it shows {status!r}; steps field "
                              f"{page.input_value('#train-steps input')!r}; training running on the server: "
                              f"{training}; styles on the server: {demo.share_studio.style_names()}; notifications: {toasts}; "
@@ -202,7 +202,7 @@ def test_train_generate_and_export_in_the_browser(app_url, browser, tmp_path):
     page.click("#generate-button")
     sync_api.expect(note).not_to_have_text(before, timeout=TIMEOUT_MS)
     assert "neonglow style" in note.inner_text()
-    assert demo.share_callbacks._cancel is not None  # the training is still running
+    assert demo.share_callbacks._job is not None  # the training is still running
     page.get_by_role("tab", name="Train").click()
     page.click("#cancel-button")
     wait_for_train_status(page, demo, "Cancelled")
