@@ -453,5 +453,20 @@ def test_fuzz_corrupted_real_images(ext, edits, keep):
     _check_one_outcome(bytes(data[: max(1, int(len(data) * keep))]), ext)
 
 
-def test_accepted_extensions_are_the_documented_ones():
-    assert IMAGE_EXTENSIONS == (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+@pytest.mark.parametrize("ext", IMAGE_EXTENSIONS)
+def test_every_accepted_extension_loads_a_file_in_its_format(tmp_path, ext):
+    fmt = Image.registered_extensions()[ext]  # the format Pillow writes for this extension
+    path = solid(tmp_path / f"red{ext.upper()}", RED, fmt=fmt)  # the check ignores the case
+    item = only_image(load_training_images([path], 32))
+    assert item.image.size == (32, 32) and close(pixel(item, 16, 16), RED)
+
+
+def test_a_readable_image_with_an_unlisted_extension_is_refused_naming_the_allowed_ones(tmp_path):
+    unlisted = ".ppm"
+    assert unlisted not in IMAGE_EXTENSIONS
+    path = solid(tmp_path / f"red{unlisted}", RED, fmt="PPM")
+    with Image.open(path) as image:
+        image.load()  # Pillow itself reads it: only the list refuses it
+    reason = only_rejection(load_training_images([path], 32)).reason
+    assert reason.startswith("unsupported file type '.ppm'")
+    assert all(ext in reason.split() for ext in IMAGE_EXTENSIONS), reason

@@ -175,7 +175,9 @@ def test_import_of_a_lora_trained_with_peft_matches_the_peft_model(tiny_pipeline
     assert np.abs(generate(pipe) - peft_image).max() <= IMAGE_TOLERANCE
 
 
-def test_kohya_layers_share_does_not_adapt_are_counted_not_dropped(styled, tmp_path):
+def test_kohya_layers_share_does_not_adapt_are_skipped_and_reported(styled, tmp_path):
+    """Conv, feed-forward, proj_in and LoHa layers are left out of the import (Share has no layer
+    for them) and read_lora reports each, with its count; the attention layers import exactly."""
     pipe, (factors_unet, factors_text), _ = styled
     state = export_lora(factors_unet, factors_text, format="kohya")
     extra = {  # what kohya-ss sd-scripts LoCon / full-network LoRAs add next to the attention layers
@@ -192,9 +194,12 @@ def test_kohya_layers_share_does_not_adapt_are_counted_not_dropped(styled, tmp_p
 
     read_unet, read_text, info = read_lora(path, pipe.unet, pipe.text_encoder)
     assert info["skipped_count"] == len(extra) + 1 == len(info["skipped"])
+    assert info["layers"] == len(factors_unet) + len(factors_text)
     assert "unet.down_blocks.0.resnets.0.conv1" in info["skipped"]
     assert "text_encoder.text_model.encoder.layers.0.mlp.fc1" in info["skipped"]
     assert "not a plain LoRA layer" in info["skipped"]["lora_unet_up_blocks_1_attentions_0_proj_out"]
+    imported = set(read_unet) | set(read_text)
+    assert not any(name.endswith(("conv1", "ff.net.2", "proj_in", "mlp.fc1", "proj_out")) for name in imported)
     assert_same_deltas(factors_unet, read_unet)
     assert_same_deltas(factors_text, read_text)
 
