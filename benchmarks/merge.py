@@ -49,10 +49,11 @@ NOISE = 0.3
 BYTES_PER_VALUE = 2  # both libraries counted in fp16
 
 
-def sd15_attention_shapes() -> Counter:
-    """(d_out, d_in) -> number of attention projections of that shape in the SD1.5 UNet."""
+def sd15_attention_shapes(unet_config: dict = SD15_UNET_CONFIG) -> Counter:
+    """(d_out, d_in) -> number of attention projections of that shape in a UNet (SD1.5's by
+    default), built on the meta device: shapes only."""
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**SD15_UNET_CONFIG)
+        unet = UNet2DConditionModel(**unet_config)
     return Counter(
         tuple(module.weight.shape)
         for name, module in unet.named_modules()

@@ -39,7 +39,6 @@ class TrainingConfig:
     steps: int = 300
     learning_rate: float = 2e-3
     rank: int = 4
-    phi: int = 8
     batch_size: int = 8
     caption_dropout: float = 0.1  # how often the caption is the bare trigger
     noise_offset: float = 0.1  # per-channel noise offset (kohya_ss); the embedded model is pretrained with the same
@@ -50,11 +49,11 @@ class TrainingConfig:
     preview_every: int = 0  # steps between preview images; 0 = none
 
 
-# Steps, learning rate, rank and φ of each preset. "quick" learns a procedural style on the embedded
+# Steps, learning rate and rank of each preset. "quick" learns a procedural style on the embedded
 # model in a few CPU minutes; on SD1.5 it is a short first pass, "quality" the one to keep.
 PRESETS = {
-    "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, phi=8, batch_size=8),
-    "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, phi=16, batch_size=8),
+    "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, batch_size=8),
+    "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8),
 }
 
 
@@ -106,10 +105,14 @@ def mixed_precision_for(device: torch.device, requested: str) -> str:
     return "no"
 
 
+def copy_sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy that shares (does not copy) the module's parameters."""
+    return copy.deepcopy(module, memo={id(p): p for p in module.parameters()})
+
+
 def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
     """A copy of the UNet for training that shares (does not copy) the frozen base weights."""
-    shared = {id(p): p for p in pipe.unet.parameters()}
-    return copy.deepcopy(pipe.unet, memo=shared)
+    return copy_sharing_weights(pipe.unet)
 
 
 @torch.no_grad()
@@ -179,8 +182,9 @@ def train_style(
     generator = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     for layer in share_layers(unet).values():
-        layer.config = replace(layer.config, rank=config.rank, phi=config.phi)
-    parameters = begin_style_training(unet, style_id, generator)
+        layer.config = replace(layer.config, rank=config.rank)
+    # Its own generator, so the batches are the same as a LoRA's trained with the same seed.
+    parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()

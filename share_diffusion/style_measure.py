@@ -1,0 +1,215 @@
+"""How strongly generated images show a style, measured against references of that style.
+
+No downloaded weights. An image (H×W×3 in [0, 1]) becomes three groups of features:
+  colour    the mean and spread of each channel and a 4×4×4 RGB histogram;
+  spectrum  the log power of the luminance spectrum in 11 half-octave radial × 4 orientation bins;
+  texture   Gram matrices of two layers of a fixed, seeded, untrained CNN (style-transfer statistics).
+Each group is centred and divided by its root-mean-square spread over the base images and the
+references together (one number per group, so that no rarely-varying feature can dominate), and
+by √(its size), so that the three groups count alike.
+
+G are images made with the style, B the same prompts and seeds without it, and R the references:
+each prompt's own image in the style, passed through the VAE so that it carries the generator's
+artefacts too. Then
+
+  paired strength  S = 1 − Σ_i ‖f(g_i) − f(r_i)‖² / Σ_i ‖f(b_i) − f(r_i)‖²
+                   how much closer to their references the images came than the base model's:
+                   0 for the base model, 1 for the references themselves, below 0 for images
+                   that moved elsewhere (another style); a 95% interval by bootstrap over i.
+  distribution     1 − MMD²(G, R) / MMD²(B, R), unbiased MMD² under a Gaussian kernel (as KID).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+FEATURE_SIDE = 128  # larger images are area-averaged down to this side first
+RADIAL_EDGES = tuple(2 ** (n / 2) for n in range(11))  # 1 to 32 cycles per image, half-octave bins; the last is open
+ORIENTATIONS = 4
+COLOUR_LEVELS = 4
+BOOTSTRAP_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    low: float  # 95% bootstrap interval
+    high: float
+    count: int  # images (pairs) it rests on
+
+    def __str__(self) -> str:
+        return f"{self.value:.2f} [{self.low:.2f}, {self.high:.2f}] (n={self.count})"
+
+
+def as_tensor(images) -> Tensor:
+    """(N, H, W, 3) floats in [0, 1], or PIL images -> (N, 3, H', W') float32 at most FEATURE_SIDE."""
+    if not isinstance(images, (np.ndarray, Tensor)):
+        images = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) / 255 for image in images])
+    pixels = torch.as_tensor(np.asarray(images, dtype=np.float32)).permute(0, 3, 1, 2)
+    if max(pixels.shape[-2:]) > FEATURE_SIDE:
+        pixels = F.interpolate(pixels, size=(FEATURE_SIDE, FEATURE_SIDE), mode="area")
+    return pixels
+
+
+def colour_features(pixels: Tensor) -> Tensor:
+    """Per-channel mean and std, and the fraction of pixels in each cell of a 4×4×4 RGB grid."""
+    flat = pixels.flatten(2)
+    levels = (flat.clamp(0, 1) * COLOUR_LEVELS).long().clamp_max(COLOUR_LEVELS - 1)
+    cell = (levels[:, 0] * COLOUR_LEVELS + levels[:, 1]) * COLOUR_LEVELS + levels[:, 2]
+    histogram = F.one_hot(cell, COLOUR_LEVELS**3).float().mean(1)
+    return torch.cat([flat.mean(2), flat.std(2), histogram], dim=1)
+
+
+def spectrum_features(pixels: Tensor) -> Tensor:
+    """log mean power of the luminance spectrum per (radius, orientation) bin, and log variance."""
+    luminance = (pixels * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1)
+    luminance = luminance - luminance.mean((1, 2), keepdim=True)
+    power = torch.fft.fft2(luminance).abs().square() / luminance[0].numel()
+    height, width = luminance.shape[-2:]
+    fy = torch.fft.fftfreq(height).mul(height).view(-1, 1).expand(height, width)
+    fx = torch.fft.fftfreq(width).mul(width).view(1, -1).expand(height, width)
+    radius = (fx.square() + fy.square()).sqrt()
+    angle = torch.atan2(fy, fx).remainder(torch.pi)
+    radial = torch.bucketize(radius, torch.tensor(RADIAL_EDGES, dtype=radius.dtype), right=True) - 1
+    orientation = (angle / torch.pi * ORIENTATIONS).long().clamp_max(ORIENTATIONS - 1)
+    bins = torch.where(radial >= 0, radial * ORIENTATIONS + orientation, -1).flatten()
+    count = len(RADIAL_EDGES) * ORIENTATIONS
+    used = bins >= 0
+    sums = power.flatten(1)[:, used] @ F.one_hot(bins[used], count).float()
+    means = sums / F.one_hot(bins[used], count).float().sum(0).clamp_min(1)
+    variance = power.flatten(1).sum(1, keepdim=True) / luminance[0].numel()
+    return torch.log(torch.cat([means, variance], dim=1) + 1e-6)
+
+
+class TextureNet(nn.Module):
+    """Two random 3×3 convolutions (seed 0, never trained); their Gram matrices describe texture."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.first = nn.Conv2d(3, 8, 3, padding=1)
+        self.second = nn.Conv2d(8, 16, 3, padding=1)
+        for conv in (self.first, self.second):
+            fan_in = conv.in_channels * 9
+            conv.weight.data = torch.randn(conv.weight.shape, generator=generator) * (2 / fan_in) ** 0.5
+            conv.bias.data.zero_()
+        self.requires_grad_(False)
+
+    @staticmethod
+    def gram(activations: Tensor) -> Tensor:
+        flat = activations.flatten(2)
+        gram = flat @ flat.mT / flat.shape[-1]
+        rows, cols = torch.triu_indices(gram.shape[-1], gram.shape[-1])
+        return gram[:, rows, cols].sqrt()
+
+    @torch.no_grad()
+    def forward(self, pixels: Tensor) -> Tensor:
+        first = F.relu(self.first(pixels * 2 - 1))
+        second = F.relu(self.second(F.avg_pool2d(first, 2)))
+        return torch.cat([self.gram(first), self.gram(second)], dim=1)
+
+
+TEXTURE_NET = TextureNet()
+
+
+def feature_groups(images, batch_size: int = 256) -> dict[str, Tensor]:
+    pixels = as_tensor(images)
+    groups: dict[str, list[Tensor]] = {"colour": [], "spectrum": [], "texture": []}
+    for chunk in pixels.split(batch_size):
+        groups["colour"].append(colour_features(chunk))
+        groups["spectrum"].append(spectrum_features(chunk))
+        groups["texture"].append(TEXTURE_NET(chunk))
+    return {name: torch.cat(parts).double() for name, parts in groups.items()}
+
+
+def bootstrap(statistic, count: int, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of statistic(indices) over resamples of range(count)."""
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, count, (BOOTSTRAP_RESAMPLES, count), generator=generator)
+    values = statistic(indices)
+    return float(values.quantile(0.025)), float(values.quantile(0.975))
+
+
+class StyleMeasure:
+    """Scores images against paired references, normalised by the base model's images.
+
+    base[i] and references[i] belong to prompt i; so does images[i] in every score.
+    """
+
+    def __init__(self, base, references):
+        base_groups, reference_groups = feature_groups(base), feature_groups(references)
+        if len(next(iter(base_groups.values()))) != len(next(iter(reference_groups.values()))):
+            raise ValueError("one reference per base image: they are paired by prompt")
+        self.centre, self.spread = {}, {}
+        for name in base_groups:
+            pooled = torch.cat([base_groups[name], reference_groups[name]])
+            self.centre[name] = pooled.mean(0)
+            self.spread[name] = (pooled - self.centre[name]).square().mean().sqrt().clamp_min(1e-8)
+        self.base = self._embed_groups(base_groups)
+        self.references = self._embed_groups(reference_groups)
+        self.base_distances = self.distances(self.base)
+
+    def _embed_groups(self, groups: dict[str, Tensor]) -> Tensor:
+        parts = [(groups[n] - self.centre[n]) / self.spread[n] / groups[n].shape[1] ** 0.5 for n in groups]
+        return torch.cat(parts, dim=1)
+
+    def embed(self, images) -> Tensor:
+        return self._embed_groups(feature_groups(images))
+
+    def distances(self, embedded: Tensor) -> Tensor:
+        """‖f(x_i) − f(r_i)‖² per prompt i."""
+        if len(embedded) != len(self.references):
+            raise ValueError(f"{len(embedded)} images for {len(self.references)} prompts")
+        return (embedded - self.references).square().sum(1)
+
+    def strength(self, images) -> Estimate:
+        """The paired strength S with its bootstrap interval over prompts."""
+        distances = self.distances(self.embed(images))
+
+        def statistic(indices: Tensor) -> Tensor:
+            return 1 - distances[indices].sum(-1) / self.base_distances[indices].sum(-1)
+
+        everything = torch.arange(len(distances))
+        return Estimate(float(statistic(everything)), *bootstrap(statistic, len(distances)), len(distances))
+
+    def strength_ratio(self, images, baseline_images) -> Estimate:
+        """S(images) / S(baseline_images) on the same prompts, with a paired bootstrap interval."""
+        mine, theirs = self.distances(self.embed(images)), self.distances(self.embed(baseline_images))
+
+        def statistic(indices: Tensor) -> Tensor:
+            base = self.base_distances[indices].sum(-1)
+            return (1 - mine[indices].sum(-1) / base) / (1 - theirs[indices].sum(-1) / base)
+
+        everything = torch.arange(len(mine))
+        return Estimate(float(statistic(everything)), *bootstrap(statistic, len(mine)), len(mine))
+
+    def distribution_strength(self, images) -> float:
+        """1 − MMD²(G, R) / MMD²(B, R) under a Gaussian kernel at the median distance of B ∪ R."""
+        generated = self.embed(images)
+        pooled = torch.cat([self.base, self.references])
+        bandwidth = torch.cdist(pooled, pooled).median().square().clamp_min(1e-12)
+
+        def mmd(x: Tensor, y: Tensor) -> Tensor:
+            kernel = lambda a, b: torch.exp(-torch.cdist(a, b).square() / bandwidth)  # noqa: E731
+            within = lambda k: (k.sum() - k.diagonal().sum()) / (len(k) * (len(k) - 1))  # noqa: E731
+            return within(kernel(x, x)) + within(kernel(y, y)) - 2 * kernel(x, y).mean()
+
+        return float(1 - mmd(generated, self.references) / mmd(self.base, self.references))
+
+
+@torch.no_grad()
+def vae_round_trip(vae, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+    """Encode and decode (N, H, W, 3) images in [0, 1] with the posterior mean: the references
+    then carry the same VAE artefacts as generated images."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        pixels = torch.from_numpy(np.asarray(images[start : start + batch_size], dtype=np.float32))
+        pixels = (pixels.permute(0, 3, 1, 2) * 2 - 1).to(vae.device, vae.dtype)
+        decoded = vae.decode(vae.encode(pixels).latent_dist.mean).sample
+        out.append(((decoded.float().clamp(-1, 1) + 1) / 2).permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
