@@ -5,6 +5,8 @@
   float16, so the fp32 and fp16 copies of the same base model count as the same model: a library
   made on one loads on the other, as it would on CUDA, where both run as fp16 anyway.  A bf16 copy
   of a model has lost mantissa bits fp16 keeps, so it counts as a different model.
+* :func:`legacy_fingerprint` is the fingerprint libraries saved before that recorded: the same
+  weights hashed as float32.  Such libraries still load (see ``Studio._check_base_model``).
 * :func:`a1111_model_hash` identifies a checkpoint *file* the way AUTOMATIC1111 does (its "Model
   hash", which Civitai looks models up by).  It exists only for single-file checkpoints.
 """
@@ -59,6 +61,17 @@ def _fingerprint_fp16(items: list[tuple[str, torch.Tensor]]) -> str:
     return digest.hexdigest()[:FINGERPRINT_DIGITS]
 
 
+def _fingerprint_fp32(items: list[tuple[str, torch.Tensor]]) -> str:
+    """sha256 of names, shapes and float32 CPU copies of the tensors: the fingerprint before fp16 rounding."""
+    digest = hashlib.sha256()
+    for name, tensor in items:
+        data = tensor.detach().to("cpu", torch.float32).contiguous()
+        digest.update(name.encode("utf-8") + b"\0")
+        digest.update(repr(tuple(data.shape)).encode("ascii") + b"\0")
+        digest.update(data.numpy().tobytes())
+    return digest.hexdigest()[:FINGERPRINT_DIGITS]
+
+
 def _raw_token(items: list[tuple[str, torch.Tensor]]) -> str:
     digest = hashlib.sha256()
     for name, tensor in items:
@@ -90,6 +103,30 @@ def remember_fingerprint(pipe, fingerprint: str) -> None:
     """Keep ``fingerprint`` (taken before a cast to bf16) as the answer of :func:`model_fingerprint`
     for as long as the pipeline's weights stay exactly as they are now."""
     pipe._share_fingerprint_cache = (_raw_token(_fingerprint_tensors(pipe)), fingerprint)
+
+
+def legacy_fingerprint(pipe) -> str:
+    """The fingerprint style libraries saved before fp16 rounding recorded (:data:`FINGERPRINT_DIGITS` digits).
+
+    The same names, shapes and order as :func:`model_fingerprint`, with the weights hashed as
+    float32, so it tells the fp32 and fp16 copies of a model apart.  It is slower than a lookup:
+    compute it only when a library's fingerprint is not :func:`model_fingerprint`.  For a pipeline
+    cast below fp32 after :func:`remember_legacy_fingerprint`, the value remembered before the cast
+    is returned as long as :func:`model_fingerprint` is unchanged.
+    """
+    items = _fingerprint_tensors(pipe)
+    if all(t.dtype == torch.float32 for _, t in items):
+        return _fingerprint_fp32(items)
+    remembered = getattr(pipe, "_share_legacy_fingerprint", None)
+    if remembered is not None and remembered[0] == model_fingerprint(pipe):
+        return remembered[1]
+    return _fingerprint_fp32(items)
+
+
+def remember_legacy_fingerprint(pipe, fingerprint: str, legacy: str) -> None:
+    """Keep ``legacy`` (taken before a cast below fp32, which loses what it hashes) as the answer of
+    :func:`legacy_fingerprint` for as long as :func:`model_fingerprint` stays ``fingerprint``."""
+    pipe._share_legacy_fingerprint = (fingerprint, legacy)
 
 
 def a1111_model_hash(path: str | os.PathLike) -> str:

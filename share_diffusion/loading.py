@@ -28,7 +28,13 @@ from diffusers import StableDiffusionPipeline
 
 from .devices import attention_choice, configure_attention, resolve_device, resolve_dtype
 from .errors import ModelLoadError, first_line
-from .fingerprint import a1111_model_hash, model_fingerprint, remember_fingerprint
+from .fingerprint import (
+    a1111_model_hash,
+    legacy_fingerprint,
+    model_fingerprint,
+    remember_fingerprint,
+    remember_legacy_fingerprint,
+)
 
 #: The embedded default base model (a diffusers StableDiffusionPipeline folder).
 EMBEDDED_MODEL_DIR = Path(__file__).resolve().parent.parent / "assets" / "base-model"
@@ -397,6 +403,8 @@ def load_pipeline(
     # Fingerprint the full-precision weights before any cast, so bf16 loads report the same
     # fingerprint as fp32 and fp16 ones (see fingerprint.model_fingerprint).
     fingerprint = model_fingerprint(pipe)
+    # Libraries saved before fp16 rounding record the fp32 fingerprint, which a cast loses.
+    legacy = legacy_fingerprint(pipe) if torch_dtype != torch.float32 else None
     try:
         # .to(dtype=float32) on a float32 pipeline is a no-op that still logs a warning: skip it.
         pipe.to(dev) if torch_dtype == torch.float32 else pipe.to(dev, torch_dtype)
@@ -404,6 +412,8 @@ def load_pipeline(
         raise ModelLoadError(f"could not move the model to {dev} as {torch_dtype}: {first_line(e)}") from e
     if torch_dtype == torch.bfloat16:
         remember_fingerprint(pipe, fingerprint)
+    if legacy is not None:
+        remember_legacy_fingerprint(pipe, fingerprint, legacy)
     used_attention = configure_attention(pipe, attention, dev)
     pipe.set_progress_bar_config(disable=not progress)
     pipe._share_base_scheduler_config = dict(pipe.scheduler.config)

@@ -35,7 +35,7 @@ from .library import (
     write_atomically,
 )
 from .lora_interop import export_lora, read_lora, save_lora
-from .fingerprint import model_fingerprint
+from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
 from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
 
@@ -58,6 +58,7 @@ class Studio:
         self.path = Path(library_path)
         self.model_id = model_id
         self.fingerprint = model_fingerprint(pipe)
+        self._legacy_fingerprint: str | None = None  # computed the first time a library needs it
         self._operation = threading.Lock()  # one library change at a time in this process
         self._merge_lock = threading.Lock()  # guards the pipeline's Share layers
         self._file_version = None
@@ -73,7 +74,12 @@ class Studio:
 
     def _check_base_model(self, library: StyleLibrary, source: str | None = None) -> None:
         expected = library.meta["base_model"]
-        if expected["fingerprint"] != self.fingerprint:
+        if expected["fingerprint"] == self.fingerprint:
+            return
+        # Libraries saved before the fingerprint rounded weights to fp16 record the fp32 one.
+        if self._legacy_fingerprint is None:
+            self._legacy_fingerprint = legacy_fingerprint(self.pipe)
+        if expected["fingerprint"] != self._legacy_fingerprint:
             raise LibraryError(
                 f"{source or self.path}: made for base model {expected['id']!r} "
                 f"(fingerprint {expected['fingerprint']}), but the loaded model {self.model_id!r} has "

@@ -147,6 +147,17 @@ def test_fingerprint_stable_across_reloads_and_dtypes(tiny_pipe, tiny_pipeline_d
     assert fingerprint.model_fingerprint(half) != fp
 
 
+def test_legacy_fp32_fingerprint_survives_a_cast_until_the_weights_change(tiny_pipe, tiny_pipeline_dir):
+    """The fingerprint libraries saved before fp16 rounding recorded: fp32 weights, taken before a cast."""
+    legacy = fingerprint.legacy_fingerprint(tiny_pipe)
+    assert len(legacy) == 16 and legacy != fingerprint.model_fingerprint(tiny_pipe)
+    half = loading.load_pipeline(str(tiny_pipeline_dir), device="cpu", dtype="bf16", progress=False)
+    assert fingerprint.legacy_fingerprint(half) == legacy
+    with torch.no_grad():
+        half.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight[0, 0] += 1.0
+    assert fingerprint.legacy_fingerprint(half) != legacy
+
+
 def _saved_copy(folder, dtype: torch.dtype, target) -> StableDiffusionPipeline:
     """The pipeline in ``folder`` saved again with its weights stored as ``dtype``; returns it."""
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True, dtype=dtype)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from share_diffusion.fingerprint import legacy_fingerprint
 from share_diffusion.library import LibraryError, LibraryLockedError, StyleLibrary
 from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.studio import Studio, library_style_factors
@@ -129,6 +130,39 @@ def test_damaged_and_foreign_libraries_are_refused_untouched(pipe, studio, tmp_p
     with pytest.raises(LibraryError, match="fingerprint"):
         studio.import_files([path])
     assert path.read_bytes() == data and studio.path.read_bytes() == good
+
+
+def test_libraries_saved_with_the_fp32_fingerprint_still_load(pipe, studio, tmp_path):
+    """Before the fingerprint rounded weights to fp16, libraries recorded the fp32 one: they still load."""
+    studio.train(images("hatching"), "Hatching", config=FEW_STEPS)
+    reference = generate(studio, "Hatching")
+    legacy = legacy_fingerprint(pipe)
+    assert legacy != studio.fingerprint
+    if MODEL == str(EMBEDDED_MODEL_DIR):
+        assert legacy == "3443f8a5e4faecd1"  # what every library made on the embedded model recorded
+    old = StyleLibrary.load(studio.path)
+    old.meta["base_model"]["fingerprint"] = legacy
+    old_path = tmp_path / "saved-before.safetensors"
+    old.save(old_path)
+
+    reopened = Studio(load_pipeline(MODEL, device="cpu", progress=False), old_path, model_id="embedded")
+    assert reopened.style_names() == ["Hatching"]
+    assert np.abs(generate(reopened, "Hatching") - reference).max() <= 1.0
+    assert studio.import_files([old_path], on_clash="rename") == ["Hatching (2)"]
+    assert np.abs(generate(studio, "Hatching (2)") - reference).max() <= 1.0
+
+    # Any other fingerprint is still refused, with the same message as before.
+    old.meta["base_model"]["fingerprint"] = "0123456789abcdef"
+    foreign_path = tmp_path / "foreign.safetensors"
+    old.save(foreign_path)
+    expected = (f"{foreign_path}: made for base model 'embedded' (fingerprint 0123456789abcdef), but the loaded "
+                f"model 'embedded' has fingerprint {studio.fingerprint}; start Share Studio with --model embedded")
+    with pytest.raises(LibraryError) as refused:
+        Studio(load_pipeline(MODEL, device="cpu", progress=False), foreign_path, model_id="embedded")
+    assert str(refused.value) == expected
+    with pytest.raises(LibraryError) as refused:
+        studio.import_files([foreign_path])
+    assert str(refused.value) == expected
 
 
 def test_import_a_library_keeps_every_style(pipe, tmp_path):
