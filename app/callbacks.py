@@ -415,12 +415,12 @@ class StudioCallbacks:
         return sorted(str(p) for p in staged.iterdir()), name, default_trigger(style)
 
     def preset_defaults(self, preset: str) -> tuple:
-        """The advanced fields for a preset: steps, learning rate, rank, phi."""
+        """The advanced fields for a preset: steps, learning rate, rank."""
         config = PRESETS.get(preset) or PRESETS["quick"]
-        return config.steps, config.learning_rate, config.rank, config.phi
+        return config.steps, config.learning_rate, config.rank
 
     @shown_errors
-    def train(self, files, name, trigger, preset, steps, learning_rate, rank, phi, batch_size, preview_every,
+    def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
               progress=gr.Progress()) -> Iterator[tuple]:
         """Stream (status, live previews, before/after gallery, error rows) while a style trains."""
         studio = self._require_studio()
@@ -433,12 +433,10 @@ class StudioCallbacks:
             steps=_number(steps, int),
             learning_rate=_number(learning_rate, float),
             rank=_number(rank, int),
-            phi=_number(phi, int),
             batch_size=_number(batch_size, int),
             preview_every=_number(preview_every, int) or 0,
         )
-        for label, value in (("steps", config.steps), ("rank", config.rank), ("φ", config.phi),
-                             ("batch size", config.batch_size)):
+        for label, value in (("steps", config.steps), ("rank", config.rank), ("batch size", config.batch_size)):
             if value < 1:
                 raise ValueError(f"{label} must be at least 1")
         if not config.learning_rate > 0:

@@ -135,10 +135,9 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                     c["learning_rate"] = gr.Number(value=quick.learning_rate, minimum=0, label="Learning rate")
                 with gr.Row():
                     c["rank"] = gr.Number(value=quick.rank, precision=0, minimum=1, label="Rank (per style)")
-                    c["phi"] = gr.Number(value=quick.phi, precision=0, minimum=1, label="φ (temporary basis directions)")
-                with gr.Row():
                     c["batch_size"] = gr.Number(value=quick.batch_size, precision=0, minimum=1, label="Batch size",
                                                 elem_id="train-batch-size")
+                with gr.Row():
                     c["preview_every"] = gr.Number(value=max(quick.steps // 5, 1), precision=0, minimum=0,
                                                    label="Preview every N steps (0 = none)", elem_id="train-preview-every")
             with gr.Row():
@@ -160,7 +159,7 @@ def _train_tab(cb: StudioCallbacks) -> dict:
     for style, button in c.get("examples", {}).items():
         button.click(lambda s=style: cb.load_example(s), outputs=[c["files"], c["name"], c["trigger"]],
                      api_visibility="private")
-    c["preset"].change(cb.preset_defaults, inputs=c["preset"], outputs=[c["steps"], c["learning_rate"], c["rank"], c["phi"]],
+    c["preset"].change(cb.preset_defaults, inputs=c["preset"], outputs=[c["steps"], c["learning_rate"], c["rank"]],
                        api_visibility="private")
     c["cancel"].click(cb.cancel_training, outputs=c["cancel_note"], api_visibility="private")
     return c
@@ -249,8 +248,8 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
             return event.then(refresh_with_samples, inputs=selections, outputs=views, api_visibility="private")
 
         gen["refresh"].click(cb.refresh_styles, inputs=selections, outputs=selections, api_visibility="private")
-        train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "phi",
-                                           "batch_size", "preview_every")]
+        train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "batch_size",
+                                           "preview_every")]
         after(train["train"].click(cb.train, inputs=train_inputs,
                                    outputs=[train["status"], train["previews"], train["comparison"], train["errors"]],
                                    concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_name="train"))

@@ -209,11 +209,10 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     parser.add_argument("--trigger", default=None, help="trigger word (default: from the name)")
     parser.add_argument("--preset", choices=list(PRESETS), default="quick",
-                        help="; ".join(f"{n}: {p.steps} steps, lr {p.learning_rate:g}, rank {p.rank}, phi {p.phi}" for n, p in PRESETS.items()))
+                        help="; ".join(f"{n}: {p.steps} steps, lr {p.learning_rate:g}, rank {p.rank}" for n, p in PRESETS.items()))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--learning-rate", "--lr", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None)
-    parser.add_argument("--phi", type=int, default=None, help="temporary basis directions while training")
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None)
@@ -231,7 +230,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training_job import TrainingJob
 
     config = training_config(
-        args.preset, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank, phi=args.phi,
+        args.preset, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
         batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
     )

@@ -246,7 +246,7 @@ class Studio:
             record = self._new_record(
                 name, trigger, images=len(image_set.images), steps=config.steps, preset=preset,
                 sample_prompt=with_trigger("", trigger), training={"learning_rate": config.learning_rate,
-                                                                   "rank": config.rank, "phi": config.phi,
+                                                                   "rank": config.rank,
                                                                    "batch_size": config.batch_size, "seed": config.seed},
             )
             with self._merge_lock:

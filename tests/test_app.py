@@ -28,8 +28,8 @@ from share_diffusion.studio import Studio  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "styles" / "examples"
 MODEL = os.environ.get("SHARE_TEST_MODEL", str(EMBEDDED_MODEL_DIR))
-# Advanced fields of the Train tab: steps, learning rate, rank, phi, batch size, preview every.
-FEW_STEPS = (4, 1e-2, 4, 8, 2, 2)
+# Advanced fields of the Train tab: steps, learning rate, rank, batch size, preview every.
+FEW_STEPS = (4, 1e-2, 4, 2, 2)
 
 
 @pytest.fixture(scope="module")
@@ -183,8 +183,8 @@ def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):
     train(cb, example_files("neon"), "Neon")
     saved = cb.studio.path.read_bytes()
     assert "exists" in error_of(cb.train, example_files("neon"), "Neon", "", "quick", *FEW_STEPS)
-    assert "must be at least 1" in error_of(cb.train, example_files("neon"), "Ink", "", "quick", 0, 1e-2, 4, 8, 2, 0)
-    assert "the loss became" in error_of(cb.train, example_files("neon"), "Ink", "", "quick", 60, 1e12, 4, 8, 2, 0)
+    assert "must be at least 1" in error_of(cb.train, example_files("neon"), "Ink", "", "quick", 0, 1e-2, 4, 2, 0)
+    assert "the loss became" in error_of(cb.train, example_files("neon"), "Ink", "", "quick", 60, 1e12, 4, 2, 0)
     assert "path separator" in error_of(cb.rename, "Neon", "a/b")
     assert "choose a style" in error_of(cb.remove, NO_STYLE)
     assert "no style named 'Nope'" in error_of(cb.export_lora, "Nope", "kohya")
@@ -196,7 +196,7 @@ def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):
 
 
 def test_cancel_stops_the_training_and_generation_stays_usable_meanwhile(cb):
-    updates = cb.train(example_files("neon"), "Neon", "", "quick", 5000, 1e-3, 4, 8, 2, 0)
+    updates = cb.train(example_files("neon"), "Neon", "", "quick", 5000, 1e-3, 4, 2, 0)
     status = ""
     while "step" not in status:
         status = next(updates)[0]
@@ -211,7 +211,7 @@ def test_cancel_stops_the_training_and_generation_stays_usable_meanwhile(cb):
 
 
 def test_closing_the_page_mid_training_cancels_it(cb):
-    updates = cb.train(example_files("neon"), "Neon", "", "quick", 5000, 1e-3, 4, 8, 2, 0)
+    updates = cb.train(example_files("neon"), "Neon", "", "quick", 5000, 1e-3, 4, 2, 0)
     while "step" not in next(updates)[0]:
         pass
     worker = next(t for t in threading.enumerate() if t.name == "train-Neon")
