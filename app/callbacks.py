@@ -32,7 +32,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
-from share_diffusion.errors import ShareStudioError
+from share_diffusion.errors import ShareStudioError, first_line
 from share_diffusion.generation import generate_images, native_size, resolve_seed
 from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
@@ -70,8 +70,7 @@ def _as_gradio_error(error: BaseException) -> gr.Error:
     if isinstance(error, OSError):
         return gr.Error(f"{error.strerror or error}{f': {error.filename}' if error.filename else ''}")
     logger.exception("unexpected error in a Share Studio callback")
-    first = str(error).strip().splitlines()
-    return gr.Error(f"unexpected error ({type(error).__name__}{': ' + first[0] if first else ''}); details are in the terminal")
+    return gr.Error(f"unexpected error ({first_line(error)}); details are in the terminal")
 
 
 def shown_errors(fn: Callable) -> Callable:
@@ -494,8 +493,7 @@ class StudioCallbacks:
             yield f"Cancelled: {error}", previews, comparison, []
             return
         except BaseException as error:  # noqa: BLE001 - shown on the page, then re-raised
-            first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-            yield f"**{name}** was not learned: {first_line}", previews, comparison, []
+            yield f"**{name}** was not learned: {first_line(error, with_type=False)}", previews, comparison, []
             raise
         skipped = f" {len(result.rejected)} rejected file(s) were skipped (see the list)." if result.rejected else ""
 

@@ -31,10 +31,11 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
-def first_line(error: BaseException) -> str:
+def first_line(error: BaseException, *, with_type: bool = True) -> str:
     """``"TypeName: first line of the message"``, for quoting an underlying error inside one of ours.
 
-    The quoted line is cut at :data:`QUOTED_ERROR_CHARS` characters (ending in "...").
+    With ``with_type=False``, only the first line.  Either way an empty message gives
+    ``"TypeName"``, and the quoted line is cut at :data:`QUOTED_ERROR_CHARS` characters (ending in "...").
     """
     lines = str(error).strip().splitlines()
     if not lines:
@@ -42,4 +43,4 @@ def first_line(error: BaseException) -> str:
     text = lines[0].strip()
     if len(text) > QUOTED_ERROR_CHARS:
         text = text[:QUOTED_ERROR_CHARS] + "..."
-    return f"{type(error).__name__}: {text}"
+    return f"{type(error).__name__}: {text}" if with_type else text
