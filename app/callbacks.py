@@ -36,9 +36,10 @@ from share_diffusion.errors import ShareStudioError, first_line
 from share_diffusion.generation import generate_images, native_size, resolve_seed
 from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
+from share_diffusion.loading import model_info
 from share_diffusion.png_metadata import read_png_metadata, save_generated, save_png
 from share_diffusion.studio import CLASH_POLICIES, Studio
-from share_diffusion.training import PRESETS, TrainingCancelled, TrainingProgress, training_config, with_trigger
+from share_diffusion.training import TrainingCancelled, TrainingProgress, presets_for, training_config, with_trigger
 from share_diffusion.training_job import TrainingJob, TrainingPreview
 
 logger = logging.getLogger(__name__)
@@ -415,8 +416,13 @@ class StudioCallbacks:
 
     def preset_defaults(self, preset: str) -> tuple:
         """The advanced fields for a preset: steps, learning rate, rank."""
-        config = PRESETS.get(preset) or PRESETS["quick"]
+        presets = self.presets()
+        config = presets.get(preset) or presets["quick"]
         return config.steps, config.learning_rate, config.rank
+
+    def presets(self) -> dict:
+        """The training presets of the loaded base model's kind."""
+        return presets_for(model_info(self.pipe).kind)
 
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
@@ -429,6 +435,7 @@ class StudioCallbacks:
         folder = self.stage_files(files)
         config = training_config(
             preset or "quick",
+            studio.model_kind,
             steps=_number(steps, int),
             learning_rate=_number(learning_rate, float),
             rank=_number(rank, int),
@@ -509,7 +516,9 @@ class StudioCallbacks:
             pairs += [before, (str(path), f"{earlier} · after")]
         errors = [[n, f"{result.errors_before[n]:.2e}", f"{result.errors_after[n]:.2e}"] for n in result.errors_before]
         gr.Info(f"Learned style {name!r}; the library is saved")
-        yield (f"Learned **{name}** ({config.steps} steps). It is in the style list of the Generate tab.{skipped}",
+        strength = (f" Style strength {result.strength}: how close {result.strength.count} previews come to your "
+                    f"images, where 0 is the base model and 1 your images." if result.strength else "")
+        yield (f"Learned **{name}** ({config.steps} steps). It is in the style list of the Generate tab.{strength}{skipped}",
                previews, pairs, errors)
 
     def cancel_training(self) -> str:

@@ -30,7 +30,6 @@ from share_diffusion.generation import native_size, resolve_seed
 from share_diffusion.loading import model_info
 from share_diffusion.schedulers import SCHEDULERS, scheduler_name
 from share_diffusion.studio import CLASH_POLICIES, Studio
-from share_diffusion.training import PRESETS
 
 __all__ = ["build_app", "run_generate"]
 
@@ -106,7 +105,8 @@ def _generate_tab(cb: StudioCallbacks) -> dict:
 
 def _train_tab(cb: StudioCallbacks) -> dict:
     c: dict = {}
-    quick = PRESETS["quick"]
+    presets = cb.presets()
+    quick = presets["quick"]
     with gr.Row():
         with gr.Column(scale=3):
             examples = cb.example_styles()
@@ -127,8 +127,8 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 c["name"] = gr.Textbox(label="Style name", placeholder="Ink wash", elem_id="style-name")
                 c["trigger"] = gr.Textbox(label="Trigger word (default: from the name)", placeholder="inkwash",
                                           elem_id="style-trigger")
-            c["preset"] = gr.Radio(list(PRESETS), value="quick", label="Preset",
-                                   info=" · ".join(f"{n}: {p.steps} steps" for n, p in PRESETS.items()))
+            c["preset"] = gr.Radio(list(presets), value="quick", label="Preset",
+                                   info=" · ".join(f"{n}: {p.steps} steps" for n, p in presets.items()))
             with gr.Accordion("Advanced", open=False, elem_id="train-advanced"):
                 with gr.Row():
                     c["steps"] = gr.Number(value=quick.steps, precision=0, minimum=1, label="Steps", elem_id="train-steps")

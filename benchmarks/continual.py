@@ -38,7 +38,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
 
 from benchmarks.eig_baseline import eig_merge
@@ -47,14 +46,7 @@ from share_diffusion import share, world
 from share_diffusion.images import ImageSet, TrainingImage
 from share_diffusion.loading import load_pipeline
 from share_diffusion.style_measure import StyleMeasure, vae_round_trip
-from share_diffusion.training import (
-    StyleBatches,
-    TrainingConfig,
-    copy_sharing_weights,
-    make_optimizer,
-    train_style,
-    with_trigger,
-)
+from share_diffusion.training import TrainingConfig, copy_sharing_weights, fit, train_style, with_trigger
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 TUNING_STYLES = ("sepia", "halftone")
@@ -297,25 +289,12 @@ def start_like_share(lora_unet, base_unet, config: TrainingConfig) -> None:
 
 
 def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, config: TrainingConfig) -> float:
-    """train_style's loop (loss, batches, noise, optimizer, clipping) for PEFT LoRA parameters, fp32;
-    returns seconds."""
+    """train_style's loop (training.fit) for PEFT LoRA parameters of `unet`; returns seconds."""
     start = time.time()
     unet.requires_grad_(False)
     for p in parameters:
         p.requires_grad_(True)
-    batches = StyleBatches(pipe, images, trigger, config, np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed))
-    optimizer = make_optimizer(parameters, config)
-    unet.train()
-    for step in range(1, config.steps + 1):
-        noisy, timesteps, context, target = batches.next(pipe.device)
-        loss = F.mse_loss(unet(noisy, timesteps, encoder_hidden_states=context).sample.float(), target)
-        if not torch.isfinite(loss):
-            raise RuntimeError(f"LoRA loss became {loss.item()} at step {step}")
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    unet.eval()
+    fit(pipe, unet, parameters, images, trigger, config)
     unet.requires_grad_(False)
     return time.time() - start
 

@@ -199,7 +199,7 @@ def open_studio(args: argparse.Namespace, pipe=None):
 
 
 def register_train(subparsers) -> argparse.ArgumentParser:
-    from .training import PRESETS
+    from .training import PRESET_NAMES, PRESETS
 
     parser = subparsers.add_parser("train", help="learn a new style from a few images",
                                    description="Learn a style from images (files or folders; a .txt beside an image is "
@@ -208,8 +208,9 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--name", required=True, help="the style's name")
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
     parser.add_argument("--trigger", default=None, help="trigger word (default: from the name)")
-    parser.add_argument("--preset", choices=list(PRESETS), default="quick",
-                        help="; ".join(f"{n}: {p.steps} steps, lr {p.learning_rate:g}, rank {p.rank}" for n, p in PRESETS.items()))
+    parser.add_argument("--preset", choices=PRESET_NAMES, default="quick", help=" | ".join(
+        f"{kind}: " + "; ".join(f"{n} {p.steps} steps, lr {p.learning_rate:g}, rank {p.rank}" for n, p in presets.items())
+        for kind, presets in PRESETS.items()))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--learning-rate", "--lr", type=float, default=None)
     parser.add_argument("--rank", type=int, default=None)
@@ -218,6 +219,8 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
     parser.add_argument("--use-8bit-adam", action="store_true", default=None, help="needs bitsandbytes (CUDA)")
+    parser.add_argument("--strength-previews", type=int, default=None, metavar="N",
+                        help="afterwards, score N previews against your images (default 8; 0 skips)")
     add_model_options(parser)
     parser.set_defaults(func=cmd_train)
     return parser
@@ -229,12 +232,13 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training import TrainingCancelled, TrainingProgress, training_config
     from .training_job import TrainingJob
 
+    studio = open_studio(args)
     config = training_config(
-        args.preset, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
+        args.preset, studio.model_kind, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
         batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
+        strength_previews=args.strength_previews,
     )
-    studio = open_studio(args)
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr)
     job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset).start()
     try:
@@ -255,6 +259,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     for rejected in result.rejected:
         print(f"skipped {rejected}", file=sys.stderr)
     print(f"learned style {result.name!r}; library saved to {args.library}")
+    if result.strength is not None:
+        print(f"style strength {result.strength} (0 = the base model, 1 = your own images)")
     for name in result.errors_before:
         print(f"  {name}: reconstruction error {result.errors_before[name]:.2e} -> {result.errors_after[name]:.2e}")
     return 0

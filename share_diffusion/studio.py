@@ -16,11 +16,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
 
 from . import share
-from .images import load_training_images
+from .images import ImageSet, load_training_images
 from .library import (
     LibraryError,
     LibraryLock,
@@ -37,6 +38,8 @@ from .library import (
 from .lora_interop import export_lora, read_lora, save_lora
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
+from .loading import model_info
+from .style_measure import Estimate, StyleMeasure, vae_round_trip
 from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
@@ -49,6 +52,7 @@ class TrainResult:
     errors_before: dict[str, float]  # earlier styles' reconstruction error before this merge
     errors_after: dict[str, float]  # ... and after it
     rejected: list = field(default_factory=list)  # images that could not be used, with reasons
+    strength: Estimate | None = None  # how close previews come to the user's own images (style_measure)
 
 
 class Studio:
@@ -57,6 +61,7 @@ class Studio:
         self.pipe = pipe
         self.path = Path(library_path)
         self.model_id = model_id
+        self.model_kind = model_info(pipe).kind  # picks the training presets (training.presets_for)
         self.fingerprint = model_fingerprint(pipe)
         self._legacy_fingerprint: str | None = None  # computed the first time a library needs it
         self._operation = threading.Lock()  # one library change at a time in this process
@@ -235,7 +240,7 @@ class Studio:
         """Learn a style from image files or folders and merge it into the library."""
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
-        config = config or training_config(preset)
+        config = config or training_config(preset, self.model_kind)
         resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         image_set = load_training_images(images, resolution)
         image_set.require_some()
@@ -262,7 +267,22 @@ class Studio:
             self._capture()
             return TrainResult(name, before, after, image_set.rejected)
 
-        return self._transaction(change)
+        result = self._transaction(change)
+        if config.strength_previews:
+            result.strength = self.style_strength(name, image_set, config.strength_previews)
+        return result
+
+    def style_strength(self, name: str, image_set: ImageSet, count: int = 8) -> Estimate:
+        """The paired style strength of `count` previews: each training image's caption drawn with the
+        style and without it (same seed), scored against that image through the VAE. 0 is the base
+        model, 1 the user's own images (share_diffusion.style_measure)."""
+        images = image_set.images[:count]
+        captions = [image.caption or "" for image in images]
+        styled = [self.generate(c, style=name, seed=i)[0][0] for i, c in enumerate(captions)]
+        base = [self.generate(c, seed=i)[0][0] for i, c in enumerate(captions)]
+        size = styled[0].size
+        own = np.stack([np.asarray(i.image.convert("RGB").resize(size), dtype=np.float32) / 255 for i in images])
+        return StyleMeasure(base, vae_round_trip(self.pipe.vae, own)).strength(styled)
 
     def import_files(self, paths: list, on_clash: str = "rename") -> list[str]:
         """Merge style libraries and standard LoRA files into this library; returns the new names."""

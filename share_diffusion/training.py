@@ -47,20 +47,39 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     preview_every: int = 0  # steps between preview images; 0 = none
+    strength_previews: int = 8  # previews scored against the training images afterwards; 0 = none
 
 
-# Steps, learning rate and rank of each preset. "quick" learns a procedural style on the embedded
-# model in a few CPU minutes; on SD1.5 it is a short first pass, "quality" the one to keep.
+# Presets per kind of base model. A style trains as a LoRA does, so one step moves ΔW as far at every
+# layer width (benchmarks/results/step_size.md) and LoRA learning rates carry over.
+#   embedded    the 64-px model in assets/: learns a procedural style in a few CPU minutes; its learning
+#               rate was swept on the tuning styles only (benchmarks/results/learning_rates.md), and it
+#               was pretrained with noise offset 0.1, so it trains with the same.
+#   checkpoint  real SD checkpoints: the learning rate, rank and batch of kohya sd-scripts' and the
+#               diffusers LoRA script's defaults, noise offset 0 (they were not trained with one). Not
+#               measured here: no real weights can be fetched on our machines.
 PRESETS = {
-    "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, batch_size=8),
-    "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8),
+    "embedded": {
+        "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, batch_size=8),
+        "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8),
+    },
+    "checkpoint": {
+        "quick": TrainingConfig(steps=500, learning_rate=1e-4, rank=4, batch_size=4, noise_offset=0.0),
+        "quality": TrainingConfig(steps=1500, learning_rate=1e-4, rank=8, batch_size=4, noise_offset=0.0),
+    },
 }
+PRESET_NAMES = ("quick", "quality")
 
 
-def training_config(preset: str = "quick", **overrides) -> TrainingConfig:
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+def presets_for(model_kind: str) -> dict[str, TrainingConfig]:
+    """The presets of a base model kind (loading.ModelInfo.kind): the embedded model's, or real checkpoints'."""
+    return PRESETS["embedded" if model_kind == "embedded" else "checkpoint"]
+
+
+def training_config(preset: str = "quick", model_kind: str = "embedded", **overrides) -> TrainingConfig:
+    if preset not in PRESET_NAMES:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
+    return replace(presets_for(model_kind)[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -176,22 +195,40 @@ def train_style(
     """
     if not share_layers(unet):
         raise TrainingFailed("the UNet has no Share layers; open a style library first")
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision_for(pipe.device, config.mixed_precision), cpu=pipe.device.type == "cpu"
-    )
-    generator = torch.Generator().manual_seed(config.seed)
-    rng = np.random.default_rng(config.seed)
     for layer in share_layers(unet).values():
         layer.config = replace(layer.config, rank=config.rank)
     # Its own generator, so the batches are the same as a LoRA's trained with the same seed.
     parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed))
+    return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel)
+
+
+def fit(
+    pipe: StableDiffusionPipeline,
+    unet: torch.nn.Module,
+    parameters: list[torch.nn.Parameter],
+    images: ImageSet,
+    trigger: str,
+    config: TrainingConfig,
+    progress: Callable[[TrainingProgress], None] | None = None,
+    preview: Callable[[int, list], None] | None = None,
+    preview_prompt: str | None = None,
+    cancel: threading.Event | None = None,
+) -> torch.nn.Module:
+    """The latent-diffusion loop: `parameters` of `unet` learn the style's images; returns `unet`.
+
+    Only `parameters` must require gradients (a style in training, or e.g. a PEFT LoRA's).
+    """
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision_for(pipe.device, config.mixed_precision), cpu=pipe.device.type == "cpu"
+    )
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = make_optimizer(parameters, config)
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
-    batches = StyleBatches(pipe, images, trigger, config, rng, generator)
+    generator = torch.Generator().manual_seed(config.seed)
+    batches = StyleBatches(pipe, images, trigger, config, np.random.default_rng(config.seed), generator)
     device = accelerator.device
 
     start = time.time()

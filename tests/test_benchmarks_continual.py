@@ -75,3 +75,23 @@ def test_tiny_run_writes_its_report(tiny_results, tmp_path):
     assert "| sepia (tuning) |" in markdown and "strength sweep" in markdown
     continual.save_samples(results["_samples"], list(settings.styles), tmp_path / "samples.png")
     assert (tmp_path / "samples.png").stat().st_size > 1000
+
+
+def test_tiny_learning_rate_sweep_and_sequential_lora(tiny_pipeline_dir, tiny_results):
+    from benchmarks import learning_rates
+    from share_diffusion.loading import load_pipeline
+
+    settings, _ = tiny_results
+    pipe = load_pipeline(str(tiny_pipeline_dir), device="cpu", progress=False)
+    evaluation = continual.Evaluation(pipe, settings, log=lambda *_: None)
+    sweep = learning_rates.learning_rate_sweep(pipe, evaluation, settings, 2, log=lambda *_: None)
+    assert set(sweep) == {"sepia", "halftone"}
+    for methods in sweep.values():
+        share_scores, lora_scores = methods["Share (ours)"], methods["Independent LoRA per style"]
+        assert list(share_scores) == list(learning_rates.LEARNING_RATES)
+        for rate in learning_rates.LEARNING_RATES:  # started and fed alike: the same style
+            assert share_scores[rate]["value"] == pytest.approx(lora_scores[rate]["value"], abs=1e-3)
+
+    sequential = learning_rates.sequential_lora(pipe, evaluation, settings, 2, 4, log=lambda *_: None)
+    assert set(sequential["final"]) == set(settings.styles) and sequential["final"]["sepia"]["count"] == 4
+    assert sequential["forgetting"]["halftone"] == pytest.approx(0, abs=1e-6)  # the last style: nothing after it

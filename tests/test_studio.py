@@ -15,6 +15,8 @@ from share_diffusion.fingerprint import legacy_fingerprint
 from share_diffusion.library import LibraryError, LibraryLockedError, StyleLibrary
 from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.studio import Studio, library_style_factors
+from share_diffusion import world
+from share_diffusion.style_measure import StyleMeasure, vae_round_trip
 from share_diffusion.training import TrainingCancelled, TrainingConfig, TrainingFailed, sample_noise
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -287,15 +289,24 @@ def border_brightness(images: np.ndarray) -> np.ndarray:
     return np.concatenate([images[:, :4], images[:, -4:]], axis=1).mean(axis=(1, 2, 3))
 
 
-def test_quick_preset_learns_a_texture_style(studio):
-    """The benchmarks' style judge (a CNN trained only on procedural renders) sees halftone in the
-    generated images, and not in the base model's."""
-    from benchmarks import judge
+def test_quick_preset_learns_a_texture_style_and_the_measure_follows_its_weight(studio):
+    """Halftone from its 12 demo images, judged by the style measure against each prompt's halftone
+    render through the VAE: well above the base model, and rising with the style's weight. The
+    training also scores its previews against the user's own images (what the app shows)."""
+    result = studio.train(sorted((EXAMPLES / "halftone").glob("*.png")), "halftone", trigger="halftone", preset="quick")
+    prompts = [(prompt, seed) for prompt in STYLE_PROMPTS for seed in (0, 1)]
 
-    model, _ = judge.load_or_train_judge(log=lambda *_: None)
-    styled, plain = quick_style_and_base_images(studio, "halftone")
-    assert judge.classify(model, styled).count("halftone") >= 5
-    assert judge.classify(model, plain).count("halftone") == 0
+    def draw(weight: float) -> np.ndarray:
+        style = "halftone" if weight else None
+        images = [studio.generate(p, style=style, strength=weight, seed=s, steps=20)[0][0] for p, s in prompts]
+        return np.stack([np.asarray(image, dtype=np.float32) / 255 for image in images])
+
+    renders = np.stack([world.render_styled("halftone", world.parse_caption(p), np.random.default_rng(0)) for p, _ in prompts])
+    measure = StyleMeasure(draw(0), vae_round_trip(studio.pipe.vae, renders))
+    half, full = measure.strength(draw(0.5)), measure.strength(draw(1.0))
+    assert 0 < half.value < full.value, (half, full)
+    assert full.low > 0.3, full
+    assert result.strength.count == 8 and result.strength.low > 0.1, result.strength
 
 
 def test_quick_preset_learns_a_dark_style(studio):
