@@ -50,22 +50,12 @@ def _fingerprint_tensors(pipe) -> list[tuple[str, torch.Tensor]]:
     return sorted(items.items())
 
 
-def _fingerprint_fp16(items: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 of names, shapes and float16 CPU copies of the tensors (fp32 → fp16 rounds to nearest even)."""
+def _fingerprint(items: list[tuple[str, torch.Tensor]], dtype: torch.dtype) -> str:
+    """sha256 of names, shapes and CPU copies of the tensors in `dtype`: float16 now (fp32 -> fp16
+    rounds to nearest even), float32 for the fingerprint libraries recorded before that."""
     digest = hashlib.sha256()
     for name, tensor in items:
-        data = tensor.detach().to("cpu", torch.float16).contiguous()
-        digest.update(name.encode("utf-8") + b"\0")
-        digest.update(repr(tuple(data.shape)).encode("ascii") + b"\0")
-        digest.update(data.numpy().tobytes())
-    return digest.hexdigest()[:FINGERPRINT_DIGITS]
-
-
-def _fingerprint_fp32(items: list[tuple[str, torch.Tensor]]) -> str:
-    """sha256 of names, shapes and float32 CPU copies of the tensors: the fingerprint before fp16 rounding."""
-    digest = hashlib.sha256()
-    for name, tensor in items:
-        data = tensor.detach().to("cpu", torch.float32).contiguous()
+        data = tensor.detach().to("cpu", dtype).contiguous()
         digest.update(name.encode("utf-8") + b"\0")
         digest.update(repr(tuple(data.shape)).encode("ascii") + b"\0")
         digest.update(data.numpy().tobytes())
@@ -92,11 +82,11 @@ def model_fingerprint(pipe) -> str:
     """
     items = _fingerprint_tensors(pipe)
     if all(t.dtype in _FP16_EXACT for _, t in items):
-        return _fingerprint_fp16(items)
+        return _fingerprint(items, torch.float16)
     cache = getattr(pipe, "_share_fingerprint_cache", None)
     if cache is not None and cache[0] == _raw_token(items):
         return cache[1]
-    return _fingerprint_fp16(items)
+    return _fingerprint(items, torch.float16)
 
 
 def remember_fingerprint(pipe, fingerprint: str) -> None:
@@ -116,11 +106,11 @@ def legacy_fingerprint(pipe) -> str:
     """
     items = _fingerprint_tensors(pipe)
     if all(t.dtype == torch.float32 for _, t in items):
-        return _fingerprint_fp32(items)
+        return _fingerprint(items, torch.float32)
     remembered = getattr(pipe, "_share_legacy_fingerprint", None)
     if remembered is not None and remembered[0] == model_fingerprint(pipe):
         return remembered[1]
-    return _fingerprint_fp32(items)
+    return _fingerprint(items, torch.float32)
 
 
 def remember_legacy_fingerprint(pipe, fingerprint: str, legacy: str) -> None:
