@@ -251,6 +251,7 @@ class ShareLinear(nn.Module):
         self.style_ids: list[str] = []
         self.active_styles: StyleMix | None = None
         self.fused = False
+        self.unfused_weight: Tensor | None = None  # base_layer.weight as it was before fuse()
         self.style_in_training: StyleInTraining | None = None
         device = base_layer.weight.device
         basis_b, basis_a, loadings_b, loadings_a = initialize(base_layer.out_features, base_layer.in_features, device)
@@ -403,18 +404,24 @@ class ShareLinear(nn.Module):
 
     @torch.no_grad()
     def fuse(self) -> None:
-        """Add the active mix's ΔW into base_layer.weight; forward then skips the adapter."""
+        """Add the active mix's ΔW into base_layer.weight; forward then skips the adapter.
+
+        The weight before is kept until unfuse: W + ΔW − ΔW is not W in floating point (in fp16
+        the rounding error is visible), so unfuse restores the copy, bit for bit.
+        """
         self._require_idle()
         if self.mix is not None:
             if self.mix.dim() == 3:
                 raise RuntimeError("a per-item style mix cannot be fused")
+            self.unfused_weight = self.base_layer.weight.detach().clone()
             self.base_layer.weight += self._mix_delta().to(self.weight.dtype)
         self.fused = True
 
     @torch.no_grad()
     def unfuse(self) -> None:
         if self.fused and self.mix is not None:
-            self.base_layer.weight -= self._mix_delta().to(self.weight.dtype)
+            self.base_layer.weight.copy_(self.unfused_weight)
+            self.unfused_weight = None
         self.fused = False
 
     # --- state --------------------------------------------------------------------------
