@@ -426,7 +426,7 @@ class StudioCallbacks:
 
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
-              progress=gr.Progress()) -> Iterator[tuple]:
+              seed=0, flip=True, progress=gr.Progress()) -> Iterator[tuple]:
         """Stream (status, live previews, before/after gallery, error rows) while a style trains."""
         studio = self._require_studio()
         name = check_style_name(name)
@@ -441,6 +441,8 @@ class StudioCallbacks:
             rank=_number(rank, int),
             batch_size=_number(batch_size, int),
             preview_every=_number(preview_every, int) or 0,
+            seed=_number(seed, int),
+            flip=bool(flip),
         )
         for label, value in (("steps", config.steps), ("rank", config.rank), ("batch size", config.batch_size)):
             if value < 1:

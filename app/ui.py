@@ -140,6 +140,10 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 with gr.Row():
                     c["preview_every"] = gr.Number(value=max(quick.steps // 5, 1), precision=0, minimum=0,
                                                    label="Preview every N steps (0 = none)", elem_id="train-preview-every")
+                with gr.Row():
+                    c["seed"] = gr.Number(value=quick.seed, precision=0, minimum=0, label="Seed", elem_id="train-seed")
+                    c["flip"] = gr.Checkbox(value=quick.flip, label="Mirror images at random (off for text or handedness)",
+                                            elem_id="train-flip")
             with gr.Row():
                 c["train"] = gr.Button("Train", variant="primary", elem_id="train-button")
                 c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
@@ -249,7 +253,7 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
 
         gen["refresh"].click(cb.refresh_styles, inputs=selections, outputs=selections, api_visibility="private")
         train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "batch_size",
-                                           "preview_every")]
+                                           "preview_every", "seed", "flip")]
         after(train["train"].click(cb.train, inputs=train_inputs,
                                    outputs=[train["status"], train["previews"], train["comparison"], train["errors"]],
                                    concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_name="train"))

@@ -199,7 +199,7 @@ def open_studio(args: argparse.Namespace, pipe=None):
 
 
 def register_train(subparsers) -> argparse.ArgumentParser:
-    from .training import PRESET_NAMES, PRESETS
+    from .training import LR_SCHEDULES, PRESET_NAMES, PRESETS
 
     parser = subparsers.add_parser("train", help="learn a new style from a few images",
                                    description="Learn a style from images (files or folders; a .txt beside an image is "
@@ -219,6 +219,12 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None)
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
     parser.add_argument("--use-8bit-adam", action="store_true", default=None, help="needs bitsandbytes (CUDA)")
+    parser.add_argument("--gradient-accumulation", type=int, default=None, metavar="N", help="batches per optimizer step")
+    parser.add_argument("--min-snr-gamma", type=float, default=None, help="min-SNR-γ loss weighting, e.g. 5 (default off)")
+    parser.add_argument("--warmup-steps", type=int, default=None, help="linear learning-rate warm-up")
+    parser.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=None, help="after the warm-up (default constant)")
+    parser.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                        help="do not mirror training images (for styles with text or handedness)")
     parser.add_argument("--strength-previews", type=int, default=None, metavar="N",
                         help="afterwards, score N previews against your images (default 8; 0 skips)")
     add_model_options(parser)
@@ -237,7 +243,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         args.preset, studio.model_kind, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
         batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
-        strength_previews=args.strength_previews,
+        strength_previews=args.strength_previews, gradient_accumulation=args.gradient_accumulation,
+        min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, flip=args.flip,
     )
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr)
     job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset).start()

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import compute_snr
 
 from .images import ImageSet
 from .errors import ShareStudioError
@@ -32,6 +34,9 @@ class TrainingCancelled(ShareStudioError):
 
 class TrainingFailed(ShareStudioError):
     pass
+
+
+LR_SCHEDULES = ("constant", "cosine")
 
 
 @dataclass
@@ -47,6 +52,17 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     preview_every: int = 0  # steps between preview images; 0 = none
+    gradient_accumulation: int = 1  # batches per optimizer step (a step then sees batch_size × this)
+    min_snr_gamma: float = 0.0  # min-SNR-γ loss weighting (Hang et al. 2023; 5 is usual); 0 = off
+    warmup_steps: int = 0  # the learning rate rises linearly over these steps, then follows lr_schedule
+    lr_schedule: str = "constant"  # constant | cosine
+    flip: bool = True  # mirror images at random (not for styles with handedness, e.g. text)
+
+    def __post_init__(self):
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
+        if self.gradient_accumulation < 1 or self.warmup_steps < 0 or self.min_snr_gamma < 0:
+            raise ValueError("gradient accumulation must be at least 1, warm-up steps and min-SNR γ at least 0")
     strength_previews: int = 8  # previews scored against the training images afterwards; 0 = none
 
 
@@ -135,12 +151,18 @@ def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: ImageSet) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent posterior mean and std of every image (and of its mirror image: a free augmentation)."""
-    pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in images.images])
-    pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
-    posterior = pipe.vae.encode(pixels).latent_dist
-    return posterior.mean.float(), posterior.std.float()
+def encode_images(pipe: StableDiffusionPipeline, images: ImageSet, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent posterior mean and std of every image, `batch_size` images at a time so that the VAE's
+    peak memory does not grow with the training set."""
+    means, stds = [], []
+    for start in range(0, len(images.images), batch_size):
+        chunk = images.images[start : start + batch_size]
+        pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in chunk])
+        pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
+        posterior = pipe.vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
 
 
 class StyleBatches:
@@ -149,7 +171,7 @@ class StyleBatches:
     def __init__(self, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, config: TrainingConfig,
                  rng: np.random.Generator, generator: torch.Generator):  # fmt: skip
         self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
-        self.means, self.stds = (tensor.cpu() for tensor in encode_images(pipe, images))
+        self.means, self.stds = encode_images(pipe, images)
         self.captions = training_captions(images, trigger)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
@@ -159,7 +181,7 @@ class StyleBatches:
         index = rng.integers(0, len(self.captions), size=config.batch_size)
         means, stds = self.means[index], self.stds[index]
         latents = (means + stds * torch.randn(means.shape, generator=generator)) * pipe.vae.config.scaling_factor
-        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5)
+        flip = torch.from_numpy(rng.random(config.batch_size) < 0.5) & config.flip
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         texts = [self.trigger if rng.random() < config.caption_dropout else self.captions[i] for i in index]
         ids = pipe.tokenizer(
@@ -225,6 +247,8 @@ def fit(
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = make_optimizer(parameters, config)
+    schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
+    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     unet, optimizer = accelerator.prepare(unet, optimizer)
 
     generator = torch.Generator().manual_seed(config.seed)
@@ -235,18 +259,25 @@ def fit(
     for step in range(1, config.steps + 1):
         if cancel is not None and cancel.is_set():
             raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged")
-        noisy, timesteps, context, target = batches.next(device)
-        with accelerator.autocast():
-            prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
-        loss = F.mse_loss(prediction.float(), target)
-        if not torch.isfinite(loss):
-            raise TrainingFailed(
-                f"the loss became {loss.item()} at step {step}; lower the learning rate "
-                f"(it was {config.learning_rate:g}). The library is unchanged"
-            )
-        accelerator.backward(loss)
+        loss = 0.0
+        for _ in range(config.gradient_accumulation):
+            noisy, timesteps, context, target = batches.next(device)
+            with accelerator.autocast():
+                prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
+            errors = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            if config.min_snr_gamma:
+                errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
+            batch_loss = errors.mean() / config.gradient_accumulation
+            if not torch.isfinite(batch_loss):
+                raise TrainingFailed(
+                    f"the loss became {batch_loss.item()} at step {step}; lower the learning rate "
+                    f"(it was {config.learning_rate:g}). The library is unchanged"
+                )
+            accelerator.backward(batch_loss)
+            loss = loss + batch_loss.detach()
         accelerator.clip_grad_norm_(parameters, 1.0)
         optimizer.step()
+        scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if progress is not None:
             progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start))
@@ -257,6 +288,14 @@ def fit(
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return unet
+
+
+def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample loss weights of min-SNR-γ: min(SNR, γ)/SNR when the model predicts the noise,
+    min(SNR, γ)/(SNR + 1) when it predicts v (the same weighting of the image error)."""
+    snr = compute_snr(noise_scheduler, timesteps.cpu()).to(timesteps.device)
+    clipped = snr.clamp(max=gamma)
+    return clipped / (snr + 1) if noise_scheduler.config.prediction_type == "v_prediction" else clipped / snr
 
 
 def sample_noise(shape: torch.Size, offset: float, generator: torch.Generator | None) -> torch.Tensor:
