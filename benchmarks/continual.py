@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import sys
 import time
@@ -522,7 +523,7 @@ def main(argv=None) -> None:
     results = run_benchmark(settings, args.model)
     samples = results.pop("_samples")
     environment = {
-        "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpus": torch.get_num_threads() and __import__("os").cpu_count(),
+        "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
     }  # fmt: skip
     command = "python -m benchmarks.continual " + " ".join(sys.argv[1:])

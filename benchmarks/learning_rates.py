@@ -37,9 +37,9 @@ from share_diffusion.loading import load_pipeline
 LEARNING_RATES = (1e-3, 2e-3, 4e-3)
 
 
-def learning_rate_sweep(pipe, evaluation: Evaluation, settings: Settings, prompts: int, log) -> dict:
+def learning_rate_sweep(pipe, evaluation: Evaluation, settings: Settings, prompts: int, log, styles=TUNING_STYLES) -> dict:
     out: dict = {}
-    for t, style in enumerate(s for s in TUNING_STYLES if s in settings.styles):
+    for style in (s for s in styles if s in settings.styles):
         sets = {style: training_images(style, settings.images_per_style, settings.image_seed + settings.styles.index(style))}
         for rate in LEARNING_RATES:
             tuned = replace(settings, training=replace(settings.training, learning_rate=rate))
@@ -79,7 +79,9 @@ def markdown_report(results: dict, command: str) -> str:
     for style, methods in results["sweep"].items():
         for name, scores in methods.items():
             lines.append(f"| {style} | {name} | " + " | ".join(f"{s['value']:.2f} [{s['low']:.2f}, {s['high']:.2f}]" for s in scores.values()) + " |")
-    seq = results["sequential_lora"]
+    seq = results.get("sequential_lora")
+    if seq is None:
+        return "\n".join(lines + ["", "One LoRA fine-tuned in sequence: not run (--no-sequential)."]) + "\n"
     lines += ["", f"## One LoRA fine-tuned in sequence (n = {results['final_prompts']} at the end, "
               f"{results['diagonal_prompts']} right after learning)", "",
               "| style | right after learning | at the end | forgetting |", "|---|---:|---:|---:|"]  # fmt: skip
@@ -97,6 +99,8 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-prompts", type=int, default=32)
     parser.add_argument("--diagonal-prompts", type=int, default=16)
     parser.add_argument("--final-prompts", type=int, default=32)
+    parser.add_argument("--sweep-styles", default=",".join(TUNING_STYLES), help="tuning styles to sweep (comma-separated)")
+    parser.add_argument("--no-sequential", action="store_true", help="skip the sequentially fine-tuned LoRA")
     add_output_option(parser, "learning_rates")
     args = parser.parse_args(argv)
     settings = Settings()
@@ -110,9 +114,10 @@ def main(argv=None) -> None:
     results = {
         "settings": asdict(settings), "sweep_prompts": args.sweep_prompts, "diagonal_prompts": args.diagonal_prompts,
         "final_prompts": args.final_prompts,
-        "sweep": learning_rate_sweep(pipe, evaluation, settings, args.sweep_prompts, print),
-        "sequential_lora": sequential_lora(pipe, evaluation, settings, args.diagonal_prompts, args.final_prompts, print),
+        "sweep": learning_rate_sweep(pipe, evaluation, settings, args.sweep_prompts, print, args.sweep_styles.split(",")),
     }  # fmt: skip
+    if not args.no_sequential:
+        results["sequential_lora"] = sequential_lora(pipe, evaluation, settings, args.diagonal_prompts, args.final_prompts, print)
     results["seconds"] = time.time() - started
     command = "python -m benchmarks.learning_rates " + " ".join(sys.argv[1:])
     args.out.mkdir(parents=True, exist_ok=True)
