@@ -353,7 +353,8 @@ def _resolve_and_load(model, config) -> tuple[StableDiffusionPipeline, str, str,
     text = os.fspath(model).strip()
     path = Path(text).expanduser()
     if path.is_dir():
-        return _load_folder(path, str(path)), path.resolve().name, str(path.resolve()), "folder"
+        kind = "embedded" if path.resolve() == EMBEDDED_MODEL_DIR.resolve() else "folder"  # its presets, by path too
+        return _load_folder(path, str(path)), path.resolve().name, str(path.resolve()), kind
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix in PICKLE_SUFFIXES:
