@@ -11,14 +11,18 @@ batches. Which styles do what was fixed before the run:
 
 Evaluation: 64 world captions, each with its own seed, the trigger appended. References: each
 caption rendered in the style and passed through the VAE. Base: the base model on the same
-captions (no trigger) and seeds. Score: the paired strength S with its bootstrap 95% interval.
-Sampling is fp32 (batch-invariant up to float rounding).
+captions (no trigger) and seeds. Score: the paired strength S (how far the images moved from the
+base model's toward the references; 0 = base, 1 = references) with its bootstrap 95% interval.
+Sampling is fp32 (batch-invariant up to float rounding). Every scored image is saved to
+images.npz next to the report, so a revised measure can re-score a run without re-training.
 
 Methods (a `Method` learns a style and samples the styles learned so far):
   share       ours: Studio's flow (train_style on a copy, finish_style_training, load back).
   lora        one independent PEFT LoRA per style, same targets, rank, data, seed and initial A.
   share_eig   Share's trained factors merged by the paper's eig merge (benchmarks/eig_baseline.py)
               at ours' k per layer: only the merge differs.
+  sequential  one PEFT LoRA fine-tuned on every style in turn (a new optimizer per style): what
+              forgetting looks like without a library.
 
 The measure is validated in the same run, before its numbers are used (section "validation"):
 a strength sweep, capped libraries with known drift, images of other styles, the base model with
@@ -147,7 +151,8 @@ class Evaluation:
         self.images_sampled, self.seconds = 0, 0.0
         self.base = self.sample(pipe.unet, self.captions)
         self.references = {s: vae_round_trip(pipe.vae, reference_renders(s, self.captions)) for s in settings.styles}
-        self.measures = {s: StyleMeasure(self.base, self.references[s]) for s in settings.styles}
+        self.measures: dict[tuple[str, int], StyleMeasure] = {}
+        self.scored: dict[str, np.ndarray] = {"base": self.base, **{f"references/{s}": r for s, r in self.references.items()}}
         log(f"evaluation: {len(self.captions)} prompts, base sampled, references of {len(settings.styles)} styles")
 
     def prompts(self, style: str, count: int) -> list[str]:
@@ -160,13 +165,17 @@ class Evaluation:
         self.seconds += time.time() - start
         return images
 
-    def score(self, style: str, images: np.ndarray, against: str | None = None) -> dict:
-        """S of images of `style` (the first len(images) prompts) against `against`'s references."""
-        measure = self.measures[against or style]
-        count = len(images)
-        if count != len(self.captions):
-            measure = StyleMeasure(self.base[:count], self.references[against or style][:count])
-        return asdict(measure.strength(images))
+    def measure(self, style: str, count: int) -> StyleMeasure:
+        """The measure of `style` on the first `count` prompts."""
+        if (style, count) not in self.measures:
+            self.measures[style, count] = StyleMeasure(self.base[:count], self.references[style][:count])
+        return self.measures[style, count]
+
+    def score(self, label: str, style: str, images: np.ndarray, against: str | None = None) -> dict:
+        """S of images of `style` (the first len(images) prompts) against `against`'s references;
+        the images are kept under `label` for images.npz."""
+        self.scored.setdefault(label, images)
+        return asdict(self.measure(against or style, len(images)).strength(images))
 
 
 # ---------------------------------------------------------------------------------------
@@ -278,6 +287,24 @@ class LoraMethod(Method):
         return evaluation.sample(self.unets[style], evaluation.prompts(style, count))
 
 
+class SequentialLoraMethod(LoraMethod):
+    """One PEFT LoRA fine-tuned on every style in turn, with a new optimizer per style; its first
+    style is trained exactly as the independent LoRA's."""
+
+    name = "One LoRA fine-tuned in sequence"
+
+    def learn(self, t, style):
+        if t == 0:
+            super().learn(t, style)
+            self.unet = self.unets.pop(style)
+            return
+        parameters = [p for n, p in self.unet.named_parameters() if "lora_" in n]
+        self.train_seconds.append(train_lora(self.pipe, self.unet, parameters, self.sets[style], style, self.settings.training_config(t)))
+
+    def sample(self, evaluation, style, count):
+        return evaluation.sample(self.unet, evaluation.prompts(style, count))
+
+
 @torch.no_grad()
 def start_like_share(lora_unet, base_unet, config: TrainingConfig) -> None:
     """Set every lora_A to the A that train_style draws for the same seed (lora_B is zero in both)."""
@@ -337,7 +364,10 @@ def run_benchmark(settings: Settings, model, log=print) -> dict:
     sets = {s: training_images(s, settings.images_per_style, settings.image_seed + t) for t, s in enumerate(styles)}
     evaluation = Evaluation(pipe, settings, log)
     ours = ShareMethod(pipe, settings, sets)
-    methods = {"share": ours, "share_eig": EigMethod(pipe, settings, sets, ours), "lora": LoraMethod(pipe, settings, sets)}
+    methods = {
+        "share": ours, "share_eig": EigMethod(pipe, settings, sets, ours), "lora": LoraMethod(pipe, settings, sets),
+        "sequential_lora": SequentialLoraMethod(pipe, settings, sets),
+    }  # fmt: skip
     results: dict = {"styles": styles, "tuning_styles": list(TUNING_STYLES), "methods": {}}
 
     diagonal: dict = {m: {} for m in methods}
@@ -346,7 +376,7 @@ def run_benchmark(settings: Settings, model, log=print) -> dict:
             method.learn(t, style)
             count = settings.diagonal_prompts if key != "lora" else 0
             if count:
-                diagonal[key][style] = evaluation.score(style, method.sample(evaluation, style, count))
+                diagonal[key][style] = evaluation.score(f"{key}/after_learning/{style}", style, method.sample(evaluation, style, count))
         drift = library_drift(ours.unet, ours.trained, [ours.ids[s] for s in styles[: t + 1]])
         log(f"step {t + 1}/{len(styles)} {style}: share S {diagonal['share'][style]['value']:.2f}, "
             f"max drift {max(drift):.1e} | {time.time() - started:.0f}s")  # fmt: skip
@@ -355,23 +385,26 @@ def run_benchmark(settings: Settings, model, log=print) -> dict:
     for key, method in methods.items():
         count = settings.eig_prompts if key == "share_eig" else settings.prompts
         final_images[key] = {s: method.sample(evaluation, s, count) for s in styles}
-        final = {s: evaluation.score(s, final_images[key][s]) for s in styles}
+        final = {s: evaluation.score(f"{key}/{s}", s, final_images[key][s]) for s in styles}
         entry = {"name": method.name, "final": final, "train_seconds": method.train_seconds}
         if key != "lora":
             entry["after_learning"] = diagonal[key]
-            entry["forgetting"] = {s: diagonal[key][s]["value"] - evaluation.score(s, final_images[key][s][: settings.diagonal_prompts])["value"] for s in styles}
+            first = {s: final_images[key][s][: settings.diagonal_prompts] for s in styles}
+            entry["forgetting"] = {s: diagonal[key][s]["value"] - evaluation.score(f"{key}/{s}", s, first[s])["value"] for s in styles}
+        if key in ("share", "share_eig"):
             entry["drift"] = dict(zip(styles, library_drift(method.unet, ours.trained, [ours.ids[s] for s in styles])))
         results["methods"][key] = entry
         log(f"{key} final: " + ", ".join(f"{s} {final[s]['value']:.2f}" for s in styles) + f" | {time.time() - started:.0f}s")
 
     results["ratio"] = {
-        s: asdict(evaluation.measures[s].strength_ratio(final_images["share"][s], final_images["lora"][s])) for s in styles
+        s: asdict(evaluation.measure(s, settings.prompts).strength_ratio(final_images["share"][s], final_images["lora"][s])) for s in styles
     }
     results["validation"] = validate(pipe, evaluation, ours, final_images, settings, log)
     results["plasticity"] = plasticity(pipe, ours, styles[0], settings)
     results["timing"] = {"total_seconds": time.time() - started, "sampling_seconds": evaluation.seconds, "images_sampled": evaluation.images_sampled}
     results["evaluation"] = {"captions": evaluation.captions, "seeds": evaluation.seeds}
     results["_samples"] = {k: {s: v[s][:4] for s in styles} for k, v in final_images.items()} | {"base": evaluation.base[:4]}
+    results["_images"] = evaluation.scored
     return results
 
 
@@ -379,26 +412,36 @@ def validate(pipe, evaluation: Evaluation, ours: ShareMethod, final_images: dict
     """Known cases the measure must order correctly, on the tuning styles (and every style pair)."""
     styles, count = list(settings.styles), settings.validation_prompts
     checked = [s for s in TUNING_STYLES if s in styles]
-    out: dict = {"strength_sweep": {}, "capped": {}}
+    out: dict = {"strength_sweep": {}, "closeness_sweep": {}, "distribution_sweep": {}, "capped": {}}
     for style in checked:
-        sweep = {0.0: 0.0, 1.0: evaluation.score(style, final_images["share"][style][:count])["value"]}
+        measure = evaluation.measure(style, count)
+        images = {0.0: evaluation.base[:count], 1.0: final_images["share"][style][:count]}
         for weight in settings.strengths:
-            sweep[weight] = evaluation.score(style, ours.sample(evaluation, style, count, weight))["value"]
-        out["strength_sweep"][style] = dict(sorted(sweep.items()))
+            images[weight] = ours.sample(evaluation, style, count, weight)
+            evaluation.scored[f"validation/{style}/weight {weight:g}"] = images[weight]
+        images = dict(sorted(images.items()))
+        out["strength_sweep"][style] = {w: measure.strength(x).value for w, x in images.items()}
+        out["closeness_sweep"][style] = {w: measure.closeness(x).value for w, x in images.items()}
+        out["distribution_sweep"][style] = {w: measure.distribution_strength(x) for w, x in images.items()}
         for cap in settings.caps:
             unet = capped_library(pipe.unet, ours.trained, cap, settings.training.rank)
-            images = evaluation.sample(unet, evaluation.prompts(style, count), [{ours.ids[style]: 1.0}] * count)
+            capped = evaluation.sample(unet, evaluation.prompts(style, count), [{ours.ids[style]: 1.0}] * count)
             drift = library_drift(unet, ours.trained, [ours.ids[style]])[0]
-            out["capped"].setdefault(style, {})[cap] = {"score": evaluation.score(style, images)["value"], "drift": drift}
+            score = evaluation.score(f"validation/{style}/cap {cap}", style, capped)["value"]
+            out["capped"].setdefault(style, {})[cap] = {"score": score, "drift": drift}
         log(f"validation {style}: sweep {out['strength_sweep'][style]}, capped {out['capped'][style]}")
     out["other_styles"] = {
-        judged: {made: evaluation.score(made, final_images["lora"][made], against=judged)["value"] for made in styles} for judged in styles
+        judged: {made: evaluation.score(f"lora/{made}", made, final_images["lora"][made], against=judged)["value"] for made in styles} for judged in styles
     }
+    out["identified"] = {made: max(styles, key=lambda judged: out["other_styles"][judged][made]) for made in styles}
     other_seeds = evaluation.sample(pipe.unet, evaluation.captions, seeds=[1000 + i for i in range(len(evaluation.captions))])
-    out["base_other_seeds"] = {s: evaluation.score(s, other_seeds)["value"] for s in styles}
-    out["base_style_prompts"] = {s: evaluation.score(s, evaluation.sample(pipe.unet, evaluation.prompts(s, count)))["value"] for s in checked}
+    out["base_other_seeds"] = {s: evaluation.score("validation/base other seeds", s, other_seeds)["value"] for s in styles}
+    out["base_style_prompts"] = {
+        s: evaluation.score(f"validation/{s}/base", s, evaluation.sample(pipe.unet, evaluation.prompts(s, count)))["value"] for s in checked
+    }
     out["references_rerendered"] = {
-        s: evaluation.score(s, vae_round_trip(pipe.vae, reference_renders(s, evaluation.captions, jitter_seed=5000)))["value"] for s in styles
+        s: evaluation.score(f"validation/{s}/references rerendered", s, vae_round_trip(pipe.vae, reference_renders(s, evaluation.captions, jitter_seed=5000)))["value"]
+        for s in styles
     }
     return out
 
@@ -444,7 +487,10 @@ def markdown_report(results: dict, settings: Settings, command: str, environment
         "| check | style | result |", "|---|---|---|",
     ]  # fmt: skip
     for s, sweep in v["strength_sweep"].items():
-        lines.append(f"| strength sweep w = {', '.join(f'{w:g}' for w in sweep)} | {s} | {', '.join(f'{x:.2f}' for x in sweep.values())} |")
+        weights = ", ".join(f"{w:g}" for w in sweep)
+        lines.append(f"| strength sweep w = {weights}: S | {s} | {', '.join(f'{x:.2f}' for x in sweep.values())} |")
+        lines.append(f"| the same images: closeness C | {s} | {', '.join(f'{x:.2f}' for x in v['closeness_sweep'][s].values())} |")
+        lines.append(f"| the same images: distribution (MMD) | {s} | {', '.join(f'{x:.2f}' for x in v['distribution_sweep'][s].values())} |")
     for s, caps in v["capped"].items():
         exact = v["strength_sweep"][s][1.0]
         lines.append(f"| capped libraries (drift) vs exact | {s} | " + ", ".join(f"k ≤ {c}: {x['score']:.2f} (drift {x['drift']:.2f})" for c, x in caps.items()) + f"; exact: {exact:.2f} |")
@@ -452,6 +498,10 @@ def markdown_report(results: dict, settings: Settings, command: str, environment
         lines.append(f"| base model, style prompts | {s} | {x:.2f} |")
     lines.append("| base model, other seeds | all | " + ", ".join(f"{s} {x:.2f}" for s, x in v["base_other_seeds"].items()) + " |")
     lines.append("| references re-rendered from other scenes | all | " + ", ".join(f"{s} {x:.2f}" for s, x in v["references_rerendered"].items()) + " |")
+    off_diagonal = [v["other_styles"][j][m] for j in styles for m in styles if j != m]
+    right = sum(v["identified"][m] == m for m in styles)
+    lines.append(f"| another style's images | all pairs | mean {np.mean(off_diagonal):.2f}, median {np.median(off_diagonal):.2f}, "
+                 f"highest {max(off_diagonal):.2f}; each style's images score highest on its own references for {right} of {len(styles)} |")  # fmt: skip
     lines += ["", "Images of each style (rows, the LoRA's) scored against each style's references (columns):", "",
               "| made \\ judged | " + " | ".join(styles) + " |", "|---|" + "---:|" * len(styles)]  # fmt: skip
     for made in styles:
@@ -467,10 +517,10 @@ def markdown_report(results: dict, settings: Settings, command: str, environment
     lines += ["", "## Forgetting", "",
               "| method | weight space: max drift per style | image space: S right after learning − S at the end (n = "
               f"{settings.diagonal_prompts}) |", "|---|---|---|"]  # fmt: skip
-    for key in ("share", "share_eig"):
+    for key in ("share", "share_eig", "sequential_lora"):
         m = methods[key]
-        lines.append(f"| {m['name']} | " + ", ".join(f"{s} {m['drift'][s]:.1e}" for s in styles) + " | "
-                     + ", ".join(f"{s} {m['forgetting'][s]:+.2f}" for s in styles) + " |")  # fmt: skip
+        drift = ", ".join(f"{s} {m['drift'][s]:.1e}" for s in styles) if "drift" in m else "— (one LoRA holds every style)"
+        lines.append(f"| {m['name']} | {drift} | " + ", ".join(f"{s} {m['forgetting'][s]:+.2f}" for s in styles) + " |")
     p = results["plasticity"]
     lines += ["", f"**Plasticity.** {p['style']} trained again with the same seed and data into the library of "
               f"{p['library_size']} styles: its trained factors differ from the first time by {p['trained_factor_difference']:.1e} "
@@ -522,6 +572,7 @@ def main(argv=None) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     results = run_benchmark(settings, args.model)
     samples = results.pop("_samples")
+    images = results.pop("_images")
     environment = {
         "date": datetime.date.today().isoformat(), "machine": platform.machine(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -530,6 +581,7 @@ def main(argv=None) -> None:
     (args.out / "continual.json").write_text(json.dumps({"command": command, "environment": environment, "settings": asdict(settings), **results}, indent=1, default=str))
     (args.out / "continual.md").write_text(markdown_report(results, settings, command, environment))
     save_samples(samples, results["styles"], args.out / "continual_samples.png")
+    np.savez_compressed(args.out / "images.npz", **{k: (v * 255).round().astype(np.uint8) for k, v in images.items()})
     print(f"wrote {args.out}/continual.md")
 
 

@@ -12,10 +12,16 @@ G are images made with the style, B the same prompts and seeds without it, and R
 each prompt's own image in the style, passed through the VAE so that it carries the generator's
 artefacts too. Then
 
-  paired strength  S = 1 − Σ_i ‖f(g_i) − f(r_i)‖² / Σ_i ‖f(b_i) − f(r_i)‖²
-                   how much closer to their references the images came than the base model's:
-                   0 for the base model, 1 for the references themselves, below 0 for images
-                   that moved elsewhere (another style); a 95% interval by bootstrap over i.
+  paired strength  S = Σ_i ⟨f(g_i) − f(b_i), f(r_i) − f(b_i)⟩ / Σ_i ‖f(r_i) − f(b_i)‖²
+                   how far the images moved from the base model's toward their references,
+                   along the way from one to the other: 0 for the base model, 1 for the
+                   references, above 1 for a style pushed past them (so it rises with a style's
+                   weight), about 0 for images that moved elsewhere; a 95% interval by
+                   bootstrap over i.
+  closeness        C = 1 − Σ_i ‖f(g_i) − f(r_i)‖² / Σ_i ‖f(b_i) − f(r_i)‖²: how much closer to
+                   the references the images came. 1 only at the references themselves, so it
+                   falls again for a style pushed past them, and below 0 for images that moved
+                   elsewhere. Reported next to S, never instead of it.
   distribution     1 − MMD²(G, R) / MMD²(B, R), unbiased MMD² under a Gaussian kernel (as KID).
 """
 
@@ -152,41 +158,42 @@ class StyleMeasure:
             self.spread[name] = (pooled - self.centre[name]).square().mean().sqrt().clamp_min(1e-8)
         self.base = self._embed_groups(base_groups)
         self.references = self._embed_groups(reference_groups)
-        self.base_distances = self.distances(self.base)
+        self.way = self.references - self.base  # f(r_i) − f(b_i)
+        self.way_lengths = self.way.square().sum(1)
 
     def _embed_groups(self, groups: dict[str, Tensor]) -> Tensor:
         parts = [(groups[n] - self.centre[n]) / self.spread[n] / groups[n].shape[1] ** 0.5 for n in groups]
         return torch.cat(parts, dim=1)
 
     def embed(self, images) -> Tensor:
-        return self._embed_groups(feature_groups(images))
-
-    def distances(self, embedded: Tensor) -> Tensor:
-        """‖f(x_i) − f(r_i)‖² per prompt i."""
+        embedded = self._embed_groups(feature_groups(images))
         if len(embedded) != len(self.references):
             raise ValueError(f"{len(embedded)} images for {len(self.references)} prompts")
-        return (embedded - self.references).square().sum(1)
+        return embedded
+
+    def progress(self, embedded: Tensor) -> Tensor:
+        """⟨f(g_i) − f(b_i), f(r_i) − f(b_i)⟩ per prompt i: the numerator of S."""
+        return ((embedded - self.base) * self.way).sum(1)
 
     def strength(self, images) -> Estimate:
         """The paired strength S with its bootstrap interval over prompts."""
-        distances = self.distances(self.embed(images))
+        progress = self.progress(self.embed(images))
+        return self._estimate(lambda i: progress[i].sum(-1) / self.way_lengths[i].sum(-1), len(progress))
 
-        def statistic(indices: Tensor) -> Tensor:
-            return 1 - distances[indices].sum(-1) / self.base_distances[indices].sum(-1)
-
-        everything = torch.arange(len(distances))
-        return Estimate(float(statistic(everything)), *bootstrap(statistic, len(distances)), len(distances))
+    def closeness(self, images) -> Estimate:
+        """C: 1 − Σ‖f(g_i) − f(r_i)‖² / Σ‖f(b_i) − f(r_i)‖², with its bootstrap interval."""
+        distances = (self.embed(images) - self.references).square().sum(1)
+        return self._estimate(lambda i: 1 - distances[i].sum(-1) / self.way_lengths[i].sum(-1), len(distances))
 
     def strength_ratio(self, images, baseline_images) -> Estimate:
         """S(images) / S(baseline_images) on the same prompts, with a paired bootstrap interval."""
-        mine, theirs = self.distances(self.embed(images)), self.distances(self.embed(baseline_images))
+        mine, theirs = self.progress(self.embed(images)), self.progress(self.embed(baseline_images))
+        return self._estimate(lambda i: mine[i].sum(-1) / theirs[i].sum(-1), len(mine))
 
-        def statistic(indices: Tensor) -> Tensor:
-            base = self.base_distances[indices].sum(-1)
-            return (1 - mine[indices].sum(-1) / base) / (1 - theirs[indices].sum(-1) / base)
-
-        everything = torch.arange(len(mine))
-        return Estimate(float(statistic(everything)), *bootstrap(statistic, len(mine)), len(mine))
+    @staticmethod
+    def _estimate(statistic, count: int) -> Estimate:
+        """statistic(indices) on every prompt, with its 95% bootstrap interval over prompts."""
+        return Estimate(float(statistic(torch.arange(count))), *bootstrap(statistic, count), count)
 
     def distribution_strength(self, images) -> float:
         """1 − MMD²(G, R) / MMD²(B, R) under a Gaussian kernel at the median distance of B ∪ R."""

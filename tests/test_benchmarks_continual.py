@@ -42,7 +42,7 @@ def tiny_results(tiny_pipeline_dir):
 def test_tiny_run_compares_share_with_a_lora_started_and_fed_alike(tiny_results):
     settings, results = tiny_results
     methods = results["methods"]
-    assert set(methods) == {"share", "share_eig", "lora"}
+    assert set(methods) == {"share", "share_eig", "lora", "sequential_lora"}
     for style in settings.styles:
         share_score, lora_score = methods["share"]["final"][style], methods["lora"]["final"][style]
         assert share_score["count"] == lora_score["count"] == settings.prompts
@@ -52,6 +52,10 @@ def test_tiny_run_compares_share_with_a_lora_started_and_fed_alike(tiny_results)
         assert methods["share"]["drift"][style] < 1e-5
     # the eig merge at the same k is lossy from the first style on
     assert max(methods["share_eig"]["drift"].values()) > 1e-3
+    # the sequential LoRA's first style is trained as the independent one's; the last has nothing after it
+    sequential = methods["sequential_lora"]
+    assert sequential["after_learning"]["sepia"]["value"] == pytest.approx(methods["share"]["after_learning"]["sepia"]["value"], abs=1e-3)
+    assert sequential["forgetting"]["halftone"] == pytest.approx(0, abs=1e-6)
 
 
 def test_tiny_run_validates_the_measure_and_learning_does_not_depend_on_the_library(tiny_results):
@@ -59,12 +63,21 @@ def test_tiny_run_validates_the_measure_and_learning_does_not_depend_on_the_libr
     validation = results["validation"]
     assert set(validation["strength_sweep"]) == {"sepia", "halftone"}
     assert list(validation["strength_sweep"]["sepia"]) == [0.0, 0.5, 1.0]
+    assert validation["strength_sweep"]["sepia"][0.0] == validation["closeness_sweep"]["sepia"][0.0] == 0.0
+    assert set(validation["identified"]) == set(settings.styles)
     assert validation["capped"]["sepia"][2]["drift"] > 0.01  # k ≤ 2 cannot hold two rank-4 styles
     for style in settings.styles:
         assert validation["references_rerendered"][style] > 0.5  # a reference of another scene is close to 1
     plasticity = results["plasticity"]
     assert plasticity["library_size"] == 2 and plasticity["trained_factor_difference"] == 0.0
     assert plasticity["merge_drift"] < 1e-5
+
+
+def test_tiny_run_keeps_every_scored_image(tiny_results):
+    settings, results = tiny_results
+    images = results["_images"]
+    assert images["base"].shape[0] == settings.prompts
+    assert {"share/sepia", "lora/halftone", "references/sepia", "validation/sepia/cap 2"} <= set(images)
 
 
 def test_tiny_run_writes_its_report(tiny_results, tmp_path):
@@ -77,7 +90,7 @@ def test_tiny_run_writes_its_report(tiny_results, tmp_path):
     assert (tmp_path / "samples.png").stat().st_size > 1000
 
 
-def test_tiny_learning_rate_sweep_and_sequential_lora(tiny_pipeline_dir, tiny_results):
+def test_tiny_learning_rate_sweep(tiny_pipeline_dir, tiny_results):
     from benchmarks import learning_rates
     from share_diffusion.loading import load_pipeline
 
@@ -92,6 +105,3 @@ def test_tiny_learning_rate_sweep_and_sequential_lora(tiny_pipeline_dir, tiny_re
         for rate in learning_rates.LEARNING_RATES:  # started and fed alike: the same style
             assert share_scores[rate]["value"] == pytest.approx(lora_scores[rate]["value"], abs=1e-3)
 
-    sequential = learning_rates.sequential_lora(pipe, evaluation, settings, 2, 4, log=lambda *_: None)
-    assert set(sequential["final"]) == set(settings.styles) and sequential["final"]["sepia"]["count"] == 4
-    assert sequential["forgetting"]["halftone"] == pytest.approx(0, abs=1e-6)  # the last style: nothing after it
