@@ -58,8 +58,8 @@ class LatentCacheError(ShareStudioError):
 def vae_identity(vae: torch.nn.Module) -> str:
     """sha256 of the names, shapes, dtypes and bytes of the VAE encoder's and quant_conv's weights.
 
-    All of them, not a sample: this is the SD VAE's 34M encoder parameters, under a second of
-    hashing once per training, and any change to them changes every latent.
+    All of them, not a sample: any change to them changes every latent, and hashing SD1.5's 34M
+    encoder parameters takes about 0.1 s, once per training.
     """
     digest = hashlib.sha256()
     for name, tensor in sorted(vae.state_dict().items()):
