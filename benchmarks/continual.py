@@ -38,6 +38,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -51,7 +52,7 @@ from share_diffusion import share, world
 from share_diffusion.images import ImageSet, TrainingImage
 from share_diffusion.loading import load_pipeline
 from share_diffusion.style_measure import StyleMeasure, vae_round_trip
-from share_diffusion.training import TrainingConfig, copy_sharing_weights, fit, train_style, with_trigger
+from share_diffusion.training import TrainingConfig, TrainingProgress, copy_sharing_weights, fit, train_style, with_trigger
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "assets" / "base-model"
 TUNING_STYLES = ("sepia", "halftone")
@@ -273,13 +274,10 @@ class LoraMethod(Method):
         self.unets: dict[str, torch.nn.Module] = {}
 
     def learn(self, t, style):
-        from peft import LoraConfig
-
         config = self.settings.training_config(t)
         unet = copy_sharing_weights(self.pipe.unet)
-        unet.add_adapter(LoraConfig(r=config.rank, lora_alpha=config.rank, target_modules=list(share.UNET_TARGET_MODULES)))
+        parameters = add_lora(unet, config.rank)
         start_like_share(unet, self.pipe.unet, config)
-        parameters = [p for n, p in unet.named_parameters() if "lora_" in n]
         self.train_seconds.append(train_lora(self.pipe, unet, parameters, self.sets[style], style, config))
         self.unets[style] = unet
 
@@ -316,13 +314,22 @@ def start_like_share(lora_unet, base_unet, config: TrainingConfig) -> None:
         lora_a.weight.copy_(layer.style_in_training.factors_a.T)
 
 
-def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, config: TrainingConfig) -> float:
+def add_lora(unet, rank: int) -> list[torch.nn.Parameter]:
+    """A PEFT LoRA of `rank` on Share's targets (every attention projection) of `unet`; its parameters."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(share.UNET_TARGET_MODULES)))
+    return [p for n, p in unet.named_parameters() if "lora_" in n]
+
+
+def train_lora(pipe, unet, parameters: list, images: ImageSet, trigger: str, config: TrainingConfig,
+               progress: Callable[[TrainingProgress], None] | None = None) -> float:  # fmt: skip
     """train_style's loop (training.fit) for PEFT LoRA parameters of `unet`; returns seconds."""
     start = time.time()
     unet.requires_grad_(False)
     for p in parameters:
         p.requires_grad_(True)
-    fit(pipe, unet, parameters, images, trigger, config)
+    fit(pipe, unet, parameters, images, trigger, config, progress)
     unet.requires_grad_(False)
     return time.time() - start
 
