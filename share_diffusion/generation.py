@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from .errors import GenerationError
+from .families import require_drivable
 from .schedulers import canonical_scheduler_name, set_scheduler
 
 #: Largest seed accepted (torch generators take 64-bit seeds; random seeds stay 32-bit like A1111).
@@ -80,6 +81,7 @@ def generate_images(
     and must be multiples of the VAE scale factor.  ``scheduler`` (a :data:`SCHEDULERS` name) is used for
     this call only.  ``progress(step, total)`` is called after each denoising step.
     """
+    require_drivable(pipe, "generation")  # SDXL loads, but is not driven yet
     if not isinstance(prompt, str):
         raise GenerationError("prompt must be text")
     seed = _check_seed(seed)

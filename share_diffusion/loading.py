@@ -5,8 +5,12 @@ through :func:`load_pipeline`.  A model reference is one of
 
 * ``None``: the embedded base model shipped in ``assets/base-model/``;
 * a local diffusers folder (with ``model_index.json``);
-* a single-file ``.safetensors`` checkpoint (original SD / A1111 layout);
+* a single-file ``.safetensors`` checkpoint (original SD / A1111 layout), configured offline by the
+  architecture-config folders shipped for its family (:mod:`share_diffusion.model_configs`);
 * a Hugging Face Hub id, resolved through the normal HF cache.
+
+Every load reports the model's family (:mod:`share_diffusion.families`: SD 1.x, SD 2.x or SDXL,
+epsilon or v-prediction) in :class:`ModelInfo`.
 
 Pickle-based checkpoints (``.ckpt``, ``.pt``, ``.bin``...) are refused without being opened.
 Failures, including the Hub's (offline, gated, missing, unreachable), are raised as a
@@ -19,13 +23,14 @@ import contextlib
 import json
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+from . import families, model_configs
 from .devices import attention_choice, configure_attention, resolve_device, resolve_dtype
 from .errors import ModelLoadError, first_line
 from .fingerprint import (
@@ -43,7 +48,10 @@ EMBEDDED_MODEL_NAME = "share-studio-base"
 #: File types refused because loading them means unpickling, which can run arbitrary code.
 PICKLE_SUFFIXES = frozenset({".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"})
 #: Pipelines whose components StableDiffusionPipeline can load.
-SUPPORTED_PIPELINE_CLASSES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+SD_PIPELINE_CLASSES = frozenset({"StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline"})
+#: ... and those StableDiffusionXLPipeline can load.
+SDXL_PIPELINE_CLASSES = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLImg2ImgPipeline"})
+SUPPORTED_PIPELINE_CLASSES = SD_PIPELINE_CLASSES | SDXL_PIPELINE_CLASSES
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class ModelInfo:
     # fingerprint.a1111_model_hash of the checkpoint file; None for diffusers folders and hub
     # models, which are several files and have no hash A1111 or Civitai would recognise.
     a1111_hash: str | None = None
+    family: str = families.UNKNOWN  # families: "sd1", "sd2", "sd2-v", "sdxl"... (family_of_pipeline)
+
+    @property
+    def family_label(self) -> str:
+        return families.label(self.family)
 
 
 def hf_offline() -> bool:
@@ -106,6 +119,14 @@ _COMMON_KWARGS = {
     "feature_extractor": None,
     "requires_safety_checker": False,
 }
+_SDXL_KWARGS = {"dtype": torch.float32}  # SDXL pipelines have no safety checker
+
+
+def _pipeline_class(class_name: str | None):
+    """(pipeline class, loading kwargs) for a model_index ``_class_name``."""
+    if class_name in SDXL_PIPELINE_CLASSES:
+        return StableDiffusionXLPipeline, _SDXL_KWARGS
+    return StableDiffusionPipeline, _COMMON_KWARGS
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
 
@@ -120,7 +141,8 @@ def _looks_like_path(text: str) -> bool:
     )
 
 
-def _check_folder(folder: Path, label: str) -> None:
+def _check_folder(folder: Path, label: str) -> str:
+    """The folder's pipeline class name, once it is known to be one Share Studio loads."""
     index = folder / "model_index.json"
     if not index.is_file():
         files = sorted(p.name for p in folder.glob("*.safetensors"))
@@ -132,16 +154,16 @@ def _check_folder(folder: Path, label: str) -> None:
         raise ModelLoadError(f"{label}: unreadable model_index.json ({first_line(e)})") from e
     if class_name not in SUPPORTED_PIPELINE_CLASSES:
         raise ModelLoadError(
-            f"{label} is a {class_name} model; Share Studio supports Stable Diffusion 1.x/2.x pipelines (StableDiffusionPipeline)"
+            f"{label} is a {class_name} model; Share Studio loads Stable Diffusion 1.x/2.x and SDXL pipelines "
+            "(StableDiffusionPipeline, StableDiffusionXLPipeline)"
         )
+    return class_name
 
 
 def _load_folder(folder: Path, label: str) -> StableDiffusionPipeline:
-    _check_folder(folder, label)
+    pipeline_class, kwargs = _pipeline_class(_check_folder(folder, label))
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            str(folder), local_files_only=True, use_safetensors=True, **_COMMON_KWARGS
-        )
+        return pipeline_class.from_pretrained(str(folder), local_files_only=True, use_safetensors=True, **kwargs)
     except Exception as e:
         message = first_line(e)
         if "safetensors" in message.lower():
@@ -150,46 +172,6 @@ def _load_folder(folder: Path, label: str) -> StableDiffusionPipeline:
                 f"re-save the model with safetensors): {message}"
             ) from e
         raise ModelLoadError(f"could not load the model folder {label}: {message}") from e
-
-
-class _LazyCheckpoint(Mapping):
-    """Key/shape view of a .safetensors file, enough for diffusers' model-type sniffing without loading tensors."""
-
-    class _Shape:
-        def __init__(self, shape):
-            self.shape = tuple(shape)
-
-    def __init__(self, handle):
-        self._handle = handle
-        self._keys = list(handle.keys())
-        self._key_set = set(self._keys)
-
-    def __contains__(self, key):
-        return key in self._key_set
-
-    def __getitem__(self, key):
-        if key not in self._key_set:
-            raise KeyError(key)
-        return self._Shape(self._handle.get_slice(key).get_shape())
-
-    def __iter__(self):
-        return iter(self._keys)
-
-    def __len__(self):
-        return len(self._keys)
-
-
-def _single_file_default_config(path: Path) -> str | None:
-    """The hub repo diffusers would fetch the pipeline config from for this checkpoint (best effort)."""
-    try:
-        from diffusers.loaders.single_file_utils import DIFFUSERS_DEFAULT_PIPELINE_PATHS, infer_diffusers_model_type
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as handle:
-            model_type = infer_diffusers_model_type(_LazyCheckpoint(handle))
-        return DIFFUSERS_DEFAULT_PIPELINE_PATHS[model_type]["pretrained_model_name_or_path"]
-    except Exception:
-        return None
 
 
 def _checkpoint_matches_folder(path: Path, folder: Path) -> bool:
@@ -226,64 +208,104 @@ def _checkpoint_matches_folder(path: Path, folder: Path) -> bool:
         return False
 
 
-def _cached_hub_config(repo: str | None) -> Path | None:
-    """Local snapshot folder of ``repo``'s config files in the HF cache, or None (never goes online)."""
-    if not repo:
-        return None
-    try:
-        from huggingface_hub import snapshot_download
+def _config_shapes(folder: Path) -> dict[str, int]:
+    """The widths a checkpoint must have to fit the folder's architecture (from its JSON configs)."""
+    unet = json.loads((folder / "unet" / "config.json").read_text(encoding="utf-8"))
+    text = json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))
+    return {
+        "first UNet convolution width": unet["block_out_channels"][0],
+        "cross-attention width": unet["cross_attention_dim"],
+        "text encoder width": text["hidden_size"],
+    }
 
-        folder = Path(
-            snapshot_download(repo, local_files_only=True, allow_patterns=["*.json", "*.txt"])
-        )
-    except Exception:
+
+_TEXT_EMBEDDING_KEYS = (
+    "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight",  # SD 1.x
+    "cond_stage_model.model.token_embedding.weight",  # SD 2.x (OpenCLIP)
+    "conditioner.embedders.0.transformer.text_model.embeddings.token_embedding.weight",  # SDXL's first encoder
+)
+
+
+def _checkpoint_shapes(path: Path) -> dict[str, int]:
+    from safetensors import safe_open
+
+    found = {}
+    with safe_open(str(path), framework="pt") as ckpt:
+        keys = list(ckpt.keys())
+        conv_in = "model.diffusion_model.input_blocks.0.0.weight"
+        if conv_in in keys:
+            found["first UNet convolution width"] = ckpt.get_slice(conv_in).get_shape()[0]
+        to_k = sorted(k for k in keys if k.startswith("model.diffusion_model.") and k.endswith("attn2.to_k.weight"))
+        if to_k:
+            found["cross-attention width"] = ckpt.get_slice(to_k[0]).get_shape()[-1]
+        for key in _TEXT_EMBEDDING_KEYS:
+            if key in keys:
+                found["text encoder width"] = ckpt.get_slice(key).get_shape()[-1]
+                break
+    return found
+
+
+def _check_checkpoint_fits(path: Path, folder: Path, what: str) -> None:
+    """A one-line refusal, before diffusers builds anything, when the checkpoint's widths are not the config's."""
+    try:
+        expected, found = _config_shapes(folder), _checkpoint_shapes(path)
+    except Exception:  # noqa: BLE001 - leave the detailed complaint to diffusers
+        return
+    for name, width in expected.items():
+        if name in found and found[name] != width:
+            raise ModelLoadError(
+                f"{path.name} does not fit {what}: its {name} is {found[name]}, the config's is {width}; pass a "
+                "diffusers folder of the checkpoint's own architecture as the model config (config= / --model-config DIR)"
+            )
+
+
+def _single_file_scheduler(config_dir: Path, detected: families.CheckpointFamily):
+    """The config's scheduler, switched to v-prediction / zero terminal SNR when the checkpoint's keys say so."""
+    if not (detected.explicit_v_prediction or detected.zero_terminal_snr):
         return None
-    return folder if (folder / "model_index.json").is_file() else None
+    import diffusers
+
+    scheduler_config = json.loads((config_dir / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None) or diffusers.EulerDiscreteScheduler
+    overrides = {"prediction_type": "v_prediction"} if detected.explicit_v_prediction else {}
+    if detected.zero_terminal_snr:
+        # Zero terminal SNR (Lin et al. 2024): rescaled betas and "trailing" timesteps, as diffusers documents.
+        overrides.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return scheduler_class.from_config(scheduler_config, **overrides)
 
 
 def _load_single_file(path: Path, config: str | os.PathLike | None) -> StableDiffusionPipeline:
-    offline = hf_offline()
-    kwargs = dict(_COMMON_KWARGS)
+    """Load a checkpoint with ``config`` (a diffusers folder), else the shipped config of its family; never online."""
+    detected = families.family_of_checkpoint(path)
     if config is None and _checkpoint_matches_folder(path, EMBEDDED_MODEL_DIR):
         config = EMBEDDED_MODEL_DIR  # e.g. a single-file export of the embedded model
-    if config is None and offline:
-        # diffusers would retry *online* when the config is not cached: look in the cache ourselves.
-        config = _cached_hub_config(_single_file_default_config(path))
-        if config is None:
-            repo = _single_file_default_config(path)
-            raise ModelLoadError(
-                f"cannot load {path.name} offline (HF_HUB_OFFLINE is set): it needs the diffusers config of its "
-                f"architecture{f' ({repo})' if repo else ''}, which is not in the Hugging Face cache. Fix: "
-                + (f"run `hf download {repo} --include '*.json' --include '*.txt'` once while online, or " if repo else "")
-                + "pass a local diffusers folder of the same architecture as the model config (config= / --model-config)"
-            )
-    if config is not None:
+    if config is None:
+        config_dir = model_configs.config_folder(families.DEFAULT_CONFIGS[detected.family])
+        what = f"the shipped {families.label(detected.family)} architecture config"
+    else:
         config_dir = Path(config).expanduser()
         if not config_dir.is_dir():
             raise ModelLoadError(f"model config folder not found: {config_dir}")
-        _check_folder(config_dir, str(config_dir))
-        kwargs.update(config=str(config_dir), local_files_only=True)
-    else:
-        kwargs.update(local_files_only=offline)
-    try:
-        return StableDiffusionPipeline.from_single_file(str(path), **kwargs)
-    except Exception as e:
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        message = first_line(e)
-        config_missing = any(
-            isinstance(c, LocalEntryNotFoundError) or _is_network_error(c) for c in _error_chain(e)
+        what = f"the model config {config_dir}"
+    class_name = _check_folder(config_dir, str(config_dir))
+    if (class_name in SDXL_PIPELINE_CLASSES) != (detected.architecture == families.SDXL):
+        raise ModelLoadError(
+            f"{path.name} is an {families.label(detected.family)} checkpoint but {what} is a {class_name}; pass a "
+            "diffusers folder of the checkpoint's own architecture as the model config (config= / --model-config DIR)"
         )
-        if config is None and config_missing:
-            repo = _single_file_default_config(path)
-            where = "offline, and it is not in the Hugging Face cache" if offline else "it could not be fetched"
-            download = f"run `hf download {repo} --include '*.json' --include '*.txt'` once while online, or " if repo else ""
-            raise ModelLoadError(
-                f"could not load {path.name}: diffusers needs the diffusers config of its architecture"
-                f"{f' ({repo})' if repo else ''} and {where}. Fix: {download}pass a local diffusers folder of the same "
-                f"architecture as the model config (config= / --model-config) ({message})"
-            ) from e
-        raise ModelLoadError(f"could not load the checkpoint {path.name}: {message}") from e
+    _check_checkpoint_fits(path, config_dir, what)
+    pipeline_class, base_kwargs = _pipeline_class(class_name)
+    kwargs = dict(base_kwargs, config=str(config_dir), local_files_only=True)
+    scheduler = _single_file_scheduler(config_dir, detected)
+    if scheduler is not None:
+        kwargs["scheduler"] = scheduler
+    try:
+        return pipeline_class.from_single_file(str(path), **kwargs)
+    except Exception as e:
+        raise ModelLoadError(
+            f"could not load the checkpoint {path.name} with {what}: {first_line(e)}; if its architecture differs, pass "
+            "a diffusers folder of the same architecture as the model config (config= / --model-config DIR)"
+        ) from e
 
 
 def _error_chain(error: BaseException) -> list[BaseException]:
@@ -385,8 +407,8 @@ def load_pipeline(
 
     ``model``: ``None`` (embedded model), a diffusers folder, a single-file ``.safetensors``
     checkpoint or a Hugging Face id.  ``config``: diffusers folder with the same architecture, used
-    to configure a single-file checkpoint offline (default: the embedded model when the checkpoint's
-    shapes match it, else diffusers' own hub lookup).  ``device``/``dtype``: see
+    to configure a single-file checkpoint (default: the embedded model when the checkpoint's shapes
+    match it, else the config folder shipped for the checkpoint's family; never the network).  ``device``/``dtype``: see
     :func:`resolve_device` / :func:`resolve_dtype`.  ``attention``: ``auto``/``sdpa`` (PyTorch SDPA),
     ``xformers`` (CUDA only, falls back to SDPA) or ``classic``.  ``progress=False`` silences loading
     and denoising progress bars.  Raises :class:`ModelLoadError` with a one-line message.
@@ -427,6 +449,7 @@ def load_pipeline(
         dtype=str(torch_dtype).removeprefix("torch."),
         attention=used_attention,
         a1111_hash=a1111_model_hash(source) if kind == "single_file" else None,
+        family=families.family_of_pipeline(pipe),
     )
     return pipe
 
@@ -445,6 +468,7 @@ def model_info(pipe) -> ModelInfo:
         device=str(pipe.device),
         dtype=str(pipe.unet.dtype).removeprefix("torch."),
         attention="unknown",
+        family=families.family_of_pipeline(pipe),
     )
 
 

@@ -56,13 +56,15 @@ def test_load_single_file_safetensors_equals_folder(tiny_pipe, tiny_single_file,
     assert loading.model_info(tiny_pipe).a1111_hash is None  # a diffusers folder is no single file
 
 
-def test_single_file_offline_without_config_is_one_clear_line(tiny_single_file, monkeypatch, tmp_path):
+def test_single_file_offline_not_fitting_its_family_config_is_one_clear_line(tiny_single_file, monkeypatch, tmp_path):
+    # Offline, a checkpoint without --model-config gets its family's shipped config (no Hub); a
+    # checkpoint of another size does not fit it, and the message says how to fix that.
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(loading, "EMBEDDED_MODEL_DIR", tmp_path / "no-embedded-model")
     with pytest.raises(ModelLoadError) as err:
         loading.load_pipeline(str(tiny_single_file), device="cpu", progress=False)
     message = str(err.value)
-    assert "\n" not in message and "offline" in message and "--model-config" in message
+    assert "\n" not in message and "does not fit the shipped SD 1.x" in message and "--model-config" in message
 
 
 class _MarkerPayload:
