@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import sys
 from pathlib import Path
 
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from benchmarks.output import add_output_option
+from benchmarks.output import add_output_option, write_results
 
 FAMILIES = ("sd15", "sdxl")
 SDXL_NOT_SUPPORTED = "benchmarks.gpu --family sdxl (1024 px): not supported yet: needs issue #18 (SDXL pipelines)"
@@ -225,9 +224,7 @@ def main(argv: list[str] | None = None) -> None:
         seconds_total=time.perf_counter() - started,
     )
     markdown = markdown_report(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu.md").write_text(markdown)
-    (args.out / "gpu.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.out, "gpu", markdown, results)
     print(markdown)
 
 

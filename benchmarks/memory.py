@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmarks.output import add_output_option
+from benchmarks.output import add_output_option, write_results
 
 IMAGE_COUNTS = (8, 64)
 BAR = 1.20  # issue #21: 64 images may raise peak memory by at most 20% over 8
@@ -180,9 +180,7 @@ def main(argv: list[str] | None = None) -> None:
     print(command, flush=True)
     results = run_benchmark(command, args.quick, args.threads)
     markdown = markdown_report(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "memory.md").write_text(markdown)
-    (args.out / "memory.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_results(args.out, "memory", markdown, results)
     print(markdown)
 
 
