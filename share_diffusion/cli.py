@@ -199,11 +199,13 @@ def open_studio(args: argparse.Namespace, pipe=None):
 
 
 def register_train(subparsers) -> argparse.ArgumentParser:
-    from .training import LR_SCHEDULES, PRESET_NAMES, PRESETS
+    from .training import LR_SCHEDULES, MIXED_PRECISIONS, PRESET_NAMES, PRESETS
 
     parser = subparsers.add_parser("train", help="learn a new style from a few images",
                                    description="Learn a style from images (files or folders; a .txt beside an image is "
-                                   "its caption) and merge it into the library. Ctrl-C cancels and leaves the library unchanged.")
+                                   "its caption) and merge it into the library. Ctrl-C cancels and leaves the library unchanged; "
+                                   "the training can then be resumed with --resume. Under `accelerate launch` the processes "
+                                   "share each batch.")
     add_library_option(parser)
     parser.add_argument("--name", required=True, help="the style's name")
     parser.add_argument("--images", nargs="+", required=True, metavar="PATH", help="image files or folders")
@@ -216,7 +218,8 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--mixed-precision", choices=["auto", "no", "fp16", "bf16"], default=None)
+    parser.add_argument("--mixed-precision", choices=MIXED_PRECISIONS, default=None,
+                        help="auto (default): the model's own type; no: float32 (needs --dtype fp32 for a half model)")
     parser.add_argument("--gradient-checkpointing", action="store_true", default=None, help="less memory, slower")
     parser.add_argument("--use-8bit-adam", action="store_true", default=None, help="needs bitsandbytes (CUDA)")
     parser.add_argument("--gradient-accumulation", type=int, default=None, metavar="N", help="batches per optimizer step")
@@ -227,6 +230,11 @@ def register_train(subparsers) -> argparse.ArgumentParser:
                         help="do not mirror training images (for styles with text or handedness)")
     parser.add_argument("--strength-previews", type=int, default=None, metavar="N",
                         help="afterwards, score N previews against your images (default 8; 0 skips)")
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                        help="save a resumable checkpoint every N steps (default 100; 0: only when cancelled)")
+    restart = parser.add_mutually_exclusive_group()
+    restart.add_argument("--resume", action="store_true", help="continue the interrupted training of this style")
+    restart.add_argument("--restart", action="store_true", help="discard an interrupted training of this style and start over")
     add_model_options(parser)
     parser.set_defaults(func=cmd_train)
     return parser
@@ -235,19 +243,28 @@ def register_train(subparsers) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
+    from .devices import distributed_state
+    from .errors import ShareStudioError
     from .training import TrainingCancelled, TrainingProgress, training_config
     from .training_job import TrainingJob
 
     studio = open_studio(args)
+    interrupted = studio.interrupted_training(args.name)
+    if interrupted is not None and not (args.resume or args.restart):
+        raise ShareStudioError(f"a training of {args.name!r} was interrupted at step {interrupted}: "
+                               "add --resume to continue it, or --restart to start over")
     config = training_config(
         args.preset, studio.model_kind, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
         batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         strength_previews=args.strength_previews, gradient_accumulation=args.gradient_accumulation,
         min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, flip=args.flip,
+        checkpoint_every=args.checkpoint_every,
     )
-    bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr)
-    job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset).start()
+    main_process = distributed_state().is_main_process
+    bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr, disable=not main_process)
+    job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset,
+                      resume=True if args.resume else False).start()
     try:
         for event in job.events():
             if isinstance(event, TrainingProgress):
@@ -263,6 +280,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingCancelled as error:
         print(f"{PROG}: {error}", file=sys.stderr)
         return 130
+    if not main_process:
+        return 0
+    if result.resumed_from is not None:
+        print(f"resumed from step {result.resumed_from}")
     for rejected in result.rejected:
         print(f"skipped {rejected}", file=sys.stderr)
     print(f"learned style {result.name!r}; library saved to {args.library}")
@@ -284,7 +305,8 @@ def register_list(subparsers) -> argparse.ArgumentParser:
 def cmd_list(args: argparse.Namespace) -> int:
     import json
 
-    from .library import StyleLibrary
+    from .families import label
+    from .library import StyleLibrary, library_family
 
     path = Path(args.library)
     library = StyleLibrary.load(path)
@@ -292,14 +314,14 @@ def cmd_list(args: argparse.Namespace) -> int:
         "library": str(path),
         "bytes": path.stat().st_size,
         "basis_rank": library.basis_rank(),
-        "base_model": library.meta["base_model"],
+        "base_model": {**library.meta["base_model"], "family": library_family(library.meta)},
         "styles": [{k: s.get(k) for k in ("name", "trigger", "created_at", "images", "steps", "error")} for s in library.styles],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(f"{path}: {len(library.styles)} styles, {summary['bytes']:,} bytes, basis rank k={summary['basis_rank']}, "
-          f"base model {library.meta['base_model']['id']}")
+          f"base model {library.meta['base_model']['id']} ({label(summary['base_model']['family'])})")
     for style in summary["styles"]:
         print(f"  {style['name']:<24} trigger {style['trigger']:<16} created {style['created_at']}  error {style['error']:.2e}")
     return 0

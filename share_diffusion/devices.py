@@ -1,12 +1,14 @@
 """Where and how a pipeline computes: the device, the dtype and the attention backend.
 
 Defaults: CUDA, else Apple MPS, else the CPU; float16 on CUDA and float32 elsewhere; PyTorch
-SDPA attention, with xformers only on request, on CUDA, when it imports.
+SDPA attention, with xformers only on request, on CUDA, when it imports. Under `accelerate
+launch`, each process takes its own GPU, or the CPU when there is none.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -34,9 +36,25 @@ def _mps_available() -> bool:
     return bool(mps is not None and mps.is_available())
 
 
+def distributed_state():
+    """This process's place in an `accelerate launch` run: one process of one otherwise. Without
+    CUDA the processes run on the CPU and talk over gloo (accelerate picks that only when told
+    `cpu=True`)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def launched_distributed() -> bool:
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/``"auto"`` → CUDA if available, else Apple MPS, else CPU.  Explicit devices are checked."""
+    """``None``/``"auto"`` → this process's GPU under `accelerate launch`, else CUDA if available,
+    else Apple MPS, else CPU.  Explicit devices are checked."""
     if device is None or (isinstance(device, str) and device.strip().lower() in ("", "auto")):
+        if launched_distributed():
+            return distributed_state().device
         if torch.cuda.is_available():
             return torch.device("cuda")
         if _mps_available():

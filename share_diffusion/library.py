@@ -36,6 +36,7 @@ try:
 except ImportError:  # Windows: the exclusively created lock file alone
     fcntl = None
 
+from . import families
 from .errors import ShareStudioError, first_line
 from .share import ShareConfig
 
@@ -107,10 +108,12 @@ def default_trigger(name: str) -> str:
     return word or "style"
 
 
-def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_encoder_modules=None) -> dict:
+def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_encoder_modules=None,
+                 family: str | None = None) -> dict:
+    """A new library's metadata; ``family`` is the base model's (families.py), "unknown" when not given."""
     return {
         "format_version": FORMAT_VERSION,
-        "base_model": {"id": base_model, "fingerprint": fingerprint},
+        "base_model": {"id": base_model, "fingerprint": fingerprint, "family": family or families.UNKNOWN},
         "target_modules": {"unet": list(config.target_modules), "text_encoder": list(text_encoder_modules or [])},
         "share": {
             "rank": config.rank,
@@ -122,6 +125,23 @@ def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_en
         "styles": [],
         "merges": [],
     }
+
+
+def library_family(meta: dict) -> str:
+    """The family a library was made for; "unknown" for libraries from before families were recorded."""
+    family = meta["base_model"].get("family")
+    return family if families.known(family) else families.UNKNOWN
+
+
+def check_family(meta: dict, family: str | None, source: str) -> None:
+    """Refuse a model of another family than the library's; an unknown family on either side passes."""
+    expected = library_family(meta)
+    if families.known(expected) and families.known(family) and expected != family:
+        raise LibraryError(
+            f"{source}: made for an {families.label(expected)} base model ({meta['base_model']['id']!r}), but the "
+            f"loaded model is {families.label(family)}; start Share Studio with an {families.label(expected)} model "
+            f"(--model {meta['base_model']['id']})"
+        )
 
 
 class StyleLibrary:
@@ -268,6 +288,7 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         next_number = meta["next_style_number"]
         assert isinstance(meta["merges"], list) and isinstance(styles, list)
         assert isinstance(fingerprint, str) and isinstance(meta["base_model"]["id"], str)
+        assert isinstance(meta["base_model"].get("family", families.UNKNOWN), str)  # absent before families
         assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in STORED_COMPONENTS)
         assert integer(rank, 1, 1024) and integer(max_rank, 1, 4096)
         # "phi" (temporary basis directions) is written by libraries from before free-factor training.

@@ -35,9 +35,13 @@ from .library import (
     utc_now,
     write_atomically,
 )
+from .checkpoints import TrainingCheckpoint, training_digest
+from .devices import distributed_state
 from .lora_interop import export_lora, read_lora, save_lora
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
+from .families import require_drivable
+from .library import check_family
 from .loading import model_info
 from .style_measure import Estimate, StyleMeasure, vae_round_trip
 from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
@@ -52,7 +56,8 @@ class TrainResult:
     errors_before: dict[str, float]  # earlier styles' reconstruction error before this merge
     errors_after: dict[str, float]  # ... and after it
     rejected: list = field(default_factory=list)  # images that could not be used, with reasons
-    strength: Estimate | None = None  # how close previews come to the user's own images (style_measure)
+    strength: Estimate | None = None  # how far previews moved toward the user's own images (style_measure)
+    resumed_from: int | None = None  # the step an interrupted training was continued from
 
 
 class Studio:
@@ -62,6 +67,7 @@ class Studio:
         self.path = Path(library_path)
         self.model_id = model_id
         self.model_kind = model_info(pipe).kind  # picks the training presets (training.presets_for)
+        self.family = model_info(pipe).family  # recorded in a new library, checked against an existing one
         self.fingerprint = model_fingerprint(pipe)
         self._legacy_fingerprint: str | None = None  # computed the first time a library needs it
         self._operation = threading.Lock()  # one library change at a time in this process
@@ -72,13 +78,15 @@ class Studio:
             self._check_base_model(self.library)
             self._file_version = self._current_file_version()
         else:
-            self.library = StyleLibrary(new_metadata(model_id, self.fingerprint, config or share.ShareConfig()), {})
+            self.library = StyleLibrary(new_metadata(model_id, self.fingerprint, config or share.ShareConfig(),
+                                                     family=self.family), {})
         self._attach()
 
     # --- the model side -------------------------------------------------------------------
 
     def _check_base_model(self, library: StyleLibrary, source: str | None = None) -> None:
         expected = library.meta["base_model"]
+        check_family(library.meta, self.family, str(source or self.path))  # the clearer message first
         if expected["fingerprint"] == self.fingerprint:
             return
         # Libraries saved before the fingerprint rounded weights to fp16 record the fp32 one.
@@ -138,6 +146,7 @@ class Studio:
             "path": str(self.path),
             "base_model": self.library.meta["base_model"]["id"],
             "fingerprint": self.library.meta["base_model"]["fingerprint"],
+            "family": self.library.meta["base_model"].get("family", "unknown"),  # absent in older libraries
             "styles": count,
             "basis_rank": self.library.basis_rank(),
             "bytes_on_disk": self.path.stat().st_size if self.path.exists() else 0,
@@ -191,7 +200,8 @@ class Studio:
             library = StyleLibrary.load(self.path)
             self._check_base_model(library)
         else:
-            library = StyleLibrary(new_metadata(self.model_id, self.fingerprint, self.library.share_config()), {})
+            library = StyleLibrary(new_metadata(self.model_id, self.fingerprint, self.library.share_config(),
+                                                family=self.family), {})
         self.library = library
         with self._merge_lock:
             self._attach()
@@ -236,14 +246,29 @@ class Studio:
 
     def train(self, images: list, name: str, trigger: str | None = None, config: TrainingConfig | None = None,
               preset: str = "quick", progress: Callable[[TrainingProgress], None] | None = None,
-              preview: Callable[[int, list], None] | None = None, cancel: threading.Event | None = None) -> TrainResult:
-        """Learn a style from image files or folders and merge it into the library."""
+              preview: Callable[[int, list], None] | None = None, cancel: threading.Event | None = None,
+              resume: bool | None = None) -> TrainResult:
+        """Learn a style from image files or folders and merge it into the library.
+
+        An interrupted training of the same name (checkpoints.py) is continued when `resume` is
+        True (and must exist), discarded when False, and continued when None if it was made with
+        the same settings and images (else discarded). Under `accelerate launch`, every process
+        trains its share of each batch and only the main one writes the library.
+        """
+        require_drivable(self.pipe, "training")  # SDXL loads, but is not trained yet
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
         config = config or training_config(preset, self.model_kind)
         resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         image_set = load_training_images(images, resolution)
         image_set.require_some()
+        checkpoint = self._checkpoint(name, image_set, trigger, config, resume)
+        resumed_from = checkpoint.saved_step() if checkpoint.exists() else None
+        processes = distributed_state()
+        if not processes.is_main_process:
+            train_style(self.pipe, training_unet(self.pipe), image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint)
+            processes.wait_for_everyone()  # until the main process has saved the library
+            return TrainResult(name, {}, {}, image_set.rejected, resumed_from=resumed_from)
 
         def change():
             if self.library.has_style(name):
@@ -257,7 +282,7 @@ class Studio:
             with self._merge_lock:
                 unet = training_unet(self.pipe)
             trained = train_style(self.pipe, unet, image_set, record["id"], trigger, config,
-                                  progress=progress, preview=preview, cancel=cancel)
+                                  progress=progress, preview=preview, cancel=cancel, checkpoint=checkpoint)
             layer_errors = share.finish_style_training(trained)
             self.library.styles.append(record)
             with self._merge_lock:
@@ -265,12 +290,33 @@ class Studio:
                 share.set_active_styles(self.pipe.unet, None)
             before, after = self._record_merge("train", record["id"], layer_errors)
             self._capture()
-            return TrainResult(name, before, after, image_set.rejected)
+            return TrainResult(name, before, after, image_set.rejected, resumed_from=resumed_from)
 
-        result = self._transaction(change)
+        try:
+            result = self._transaction(change)
+        finally:
+            if processes.num_processes > 1:
+                processes.wait_for_everyone()
+        checkpoint.remove()
         if config.strength_previews:
             result.strength = self.style_strength(name, image_set, config.strength_previews)
         return result
+
+    def interrupted_training(self, name: str) -> int | None:
+        """The step at which a training of style `name` was interrupted, if one can be resumed."""
+        folder = TrainingCheckpoint.folder_for(self.path, name)
+        return TrainingCheckpoint(folder, "").saved_step() if (folder / "state.json").is_file() else None
+
+    def _checkpoint(self, name: str, image_set: ImageSet, trigger: str, config: TrainingConfig, resume: bool | None) -> TrainingCheckpoint:
+        pixels = [np.asarray(image.image) for image in image_set.images]
+        digest = training_digest(config, pixels, trigger, self.fingerprint)
+        checkpoint = TrainingCheckpoint(TrainingCheckpoint.folder_for(self.path, name), digest)
+        if resume and not checkpoint.exists():
+            raise LibraryError(f"there is no interrupted training of {name!r} to resume")
+        if checkpoint.exists() and (resume is False or (resume is None and not checkpoint.matches())):
+            if distributed_state().is_main_process:
+                checkpoint.remove()
+        return checkpoint
 
     def style_strength(self, name: str, image_set: ImageSet, count: int = 8) -> Estimate:
         """The paired style strength of `count` previews: each training image's caption drawn with the

@@ -9,6 +9,7 @@ style trains; the caller merges the trained copy back.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import threading
 import time
@@ -23,8 +24,9 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
-from .images import ImageSet
+from .checkpoints import TrainingCheckpoint, TrainingState
 from .errors import ShareStudioError
+from .images import ImageSet
 from .share import begin_style_training, share_layers
 
 
@@ -37,6 +39,7 @@ class TrainingFailed(ShareStudioError):
 
 
 LR_SCHEDULES = ("constant", "cosine")
+MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 
 
 @dataclass
@@ -48,7 +51,7 @@ class TrainingConfig:
     caption_dropout: float = 0.1  # how often the caption is the bare trigger
     noise_offset: float = 0.1  # per-channel noise offset (kohya_ss); the embedded model is pretrained with the same
     seed: int = 0
-    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (the model's own type) | no (fp32) | fp16 | bf16; see training_precision
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
     preview_every: int = 0  # steps between preview images; 0 = none
@@ -57,13 +60,17 @@ class TrainingConfig:
     warmup_steps: int = 0  # the learning rate rises linearly over these steps, then follows lr_schedule
     lr_schedule: str = "constant"  # constant | cosine
     flip: bool = True  # mirror images at random (not for styles with handedness, e.g. text)
+    strength_previews: int = 8  # previews scored against the training images afterwards; 0 = none
+    checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints.py); 0 = only on cancel
+    latent_cache: str | None = None  # a folder for the images' VAE latents, reused by later trainings
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
-        if self.gradient_accumulation < 1 or self.warmup_steps < 0 or self.min_snr_gamma < 0:
-            raise ValueError("gradient accumulation must be at least 1, warm-up steps and min-SNR γ at least 0")
-    strength_previews: int = 8  # previews scored against the training images afterwards; 0 = none
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, not {self.mixed_precision!r}")
+        if self.gradient_accumulation < 1 or self.warmup_steps < 0 or self.min_snr_gamma < 0 or self.checkpoint_every < 0:
+            raise ValueError("gradient accumulation must be at least 1; warm-up steps, min-SNR γ and checkpoint_every at least 0")
 
 
 # Presets per kind of base model. A style trains as a LoRA does, so one step moves ΔW as far at every
@@ -130,14 +137,25 @@ def training_captions(images: ImageSet, trigger: str) -> list[str]:
     return [with_trigger(image.caption or "", trigger) for image in images.images]
 
 
-def mixed_precision_for(device: torch.device, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX"):
-        return "bf16"
-    return "no"
+HALF_TYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def training_precision(model_dtype: torch.dtype, requested: str) -> torch.dtype | None:
+    """The type a training computes in, None for float32. The trained factors stay float32.
+
+    A half-precision model trains in its own type (fp16 then needs a gradient scaler, bf16 does
+    not); a float32 model trains in float32, or autocasts to the half type asked for. Asking a
+    half model for another type is refused: its frozen weights are already rounded to its own.
+    """
+    own = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(model_dtype)
+    if requested == "auto":
+        return HALF_TYPES.get(own)
+    if own is not None and requested != own:
+        raise TrainingFailed(
+            f"the model is loaded in {own}, so it trains in {own}: use --mixed-precision auto or {own}, "
+            f"or load it with --dtype {'fp32' if requested == 'no' else requested}"
+        )
+    return HALF_TYPES.get(requested)
 
 
 def copy_sharing_weights(module: torch.nn.Module) -> torch.nn.Module:
@@ -166,30 +184,40 @@ def encode_images(pipe: StableDiffusionPipeline, images: ImageSet, batch_size: i
 
 
 class StyleBatches:
-    """Random training batches of one style's images: (noisy latents, timesteps, text context, target)."""
+    """Random training batches of one style's images: (noisy latents, timesteps, text context, target).
+
+    Every process draws the same global batch of `batch_size` from the same seed and keeps its own
+    slice of it, so that the processes of a multi-GPU run see different images and, with their
+    gradients averaged, learn what one process learns from the whole batch.
+    """
 
     def __init__(self, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, config: TrainingConfig,
-                 rng: np.random.Generator, generator: torch.Generator):  # fmt: skip
+                 rng: np.random.Generator, generator: torch.Generator, rank: int = 0, ranks: int = 1):  # fmt: skip
+        if config.batch_size % ranks:
+            raise TrainingFailed(f"the batch size ({config.batch_size}) must be a multiple of the {ranks} processes")
         self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
+        share = config.batch_size // ranks
+        self.mine = slice(rank * share, (rank + 1) * share)
         self.means, self.stds = encode_images(pipe, images)
         self.captions = training_captions(images, trigger)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     @torch.no_grad()
     def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        config, rng, generator, pipe = self.config, self.rng, self.generator, self.pipe
+        config, rng, generator, pipe, mine = self.config, self.rng, self.generator, self.pipe, self.mine
         index = rng.integers(0, len(self.captions), size=config.batch_size)
         means, stds = self.means[index], self.stds[index]
         latents = (means + stds * torch.randn(means.shape, generator=generator)) * pipe.vae.config.scaling_factor
         flip = torch.from_numpy(rng.random(config.batch_size) < 0.5) & config.flip
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
         texts = [self.trigger if rng.random() < config.caption_dropout else self.captions[i] for i in index]
-        ids = pipe.tokenizer(
-            texts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
         noise = sample_noise(latents.shape, config.noise_offset, generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
+        latents, noise, timesteps = latents[mine], noise[mine], timesteps[mine]
+        ids = pipe.tokenizer(
+            texts[mine], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids
+        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -209,11 +237,12 @@ def train_style(
     preview: Callable[[int, list], None] | None = None,
     preview_prompt: str | None = None,
     cancel: threading.Event | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> torch.nn.Module:
     """Train a new style on `unet`, a `training_unet(pipe)` copy, and return it for `finish_style_training`.
 
     The pipeline itself is never changed. Raises TrainingCancelled when `cancel` is set, and
-    TrainingFailed when the loss stops being finite.
+    TrainingFailed when the loss stops being finite. With a `checkpoint`, continues it if it exists.
     """
     if not share_layers(unet):
         raise TrainingFailed("the UNet has no Share layers; open a style library first")
@@ -221,7 +250,7 @@ def train_style(
         layer.config = replace(layer.config, rank=config.rank)
     # Its own generator, so the batches are the same as a LoRA's trained with the same seed.
     parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed))
-    return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel)
+    return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel, checkpoint)
 
 
 def fit(
@@ -235,59 +264,93 @@ def fit(
     preview: Callable[[int, list], None] | None = None,
     preview_prompt: str | None = None,
     cancel: threading.Event | None = None,
+    checkpoint: TrainingCheckpoint | None = None,
 ) -> torch.nn.Module:
     """The latent-diffusion loop: `parameters` of `unet` learn the style's images; returns `unet`.
 
-    Only `parameters` must require gradients (a style in training, or e.g. a PEFT LoRA's).
+    Only `parameters` must require gradients (a style in training, or e.g. a PEFT LoRA's). Under
+    `accelerate launch` the processes share the batch and average their gradients. With a
+    `checkpoint`, the loop continues from it when it exists, saves one every
+    `config.checkpoint_every` steps, and saves one when cancelled.
     """
-    accelerator = Accelerator(
-        mixed_precision=mixed_precision_for(pipe.device, config.mixed_precision), cpu=pipe.device.type == "cpu"
-    )
+    # The precision is ours (training_precision): accelerate only places and synchronises, so one
+    # process can train many times with different settings.
+    accelerator = Accelerator(mixed_precision="no", cpu=pipe.device.type == "cpu")
+    model_dtype = pipe.unet.dtype
+    compute_dtype = training_precision(model_dtype, config.mixed_precision)
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
     optimizer = make_optimizer(parameters, config)
     schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
-    scheduler = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-
-    generator = torch.Generator().manual_seed(config.seed)
-    batches = StyleBatches(pipe, images, trigger, config, np.random.default_rng(config.seed), generator)
+    lr_schedule = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
+    scaler = torch.amp.GradScaler(pipe.device.type, enabled=compute_dtype == torch.float16)
+    unet = accelerator.prepare(unet)
     device = accelerator.device
 
+    state = TrainingState(0, parameters, optimizer, lr_schedule, scaler, np.random.default_rng(config.seed),
+                          torch.Generator().manual_seed(config.seed))  # fmt: skip
+    batches = StyleBatches(pipe, images, trigger, config, state.numpy_generator, state.torch_generator,
+                           accelerator.process_index, accelerator.num_processes)  # fmt: skip
+    if checkpoint is not None and checkpoint.exists():
+        state.step = checkpoint.restore(state)
+
+    def save_checkpoint(step: int) -> None:
+        if checkpoint is not None and accelerator.is_main_process:
+            state.step = step
+            checkpoint.save(state)
+
     start = time.time()
-    for step in range(1, config.steps + 1):
-        if cancel is not None and cancel.is_set():
-            raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged")
-        loss = 0.0
-        for _ in range(config.gradient_accumulation):
+    for step in range(state.step + 1, config.steps + 1):
+        if cancel_requested(accelerator, cancel):
+            save_checkpoint(step - 1)
+            resumable = " It can be resumed (--resume)." if checkpoint is not None else ""
+            raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged.{resumable}")
+        loss = torch.zeros(())
+        for micro_step in range(config.gradient_accumulation):
             noisy, timesteps, context, target = batches.next(device)
-            with accelerator.autocast():
-                prediction = unet(noisy, timesteps, encoder_hidden_states=context.to(noisy.dtype)).sample
-            errors = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if config.min_snr_gamma:
-                errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
-            batch_loss = errors.mean() / config.gradient_accumulation
-            if not torch.isfinite(batch_loss):
-                raise TrainingFailed(
-                    f"the loss became {batch_loss.item()} at step {step}; lower the learning rate "
-                    f"(it was {config.learning_rate:g}). The library is unchanged"
-                )
-            accelerator.backward(batch_loss)
-            loss = loss + batch_loss.detach()
-        accelerator.clip_grad_norm_(parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
+            synchronise = micro_step == config.gradient_accumulation - 1
+            with contextlib.nullcontext() if synchronise else accelerator.no_sync(unet):
+                with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
+                    prediction = unet(noisy.to(model_dtype), timesteps, encoder_hidden_states=context.to(model_dtype)).sample
+                errors = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+                if config.min_snr_gamma:
+                    errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
+                batch_loss = errors.mean() / config.gradient_accumulation
+                if not torch.isfinite(batch_loss):
+                    raise TrainingFailed(
+                        f"the loss became {batch_loss.item()} at step {step}; lower the learning rate "
+                        f"(it was {config.learning_rate:g}). The library is unchanged"
+                    )
+                accelerator.backward(scaler.scale(batch_loss))
+            loss = loss + batch_loss.detach().cpu()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        scaler.step(optimizer)
+        scaler.update()
+        lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+            save_checkpoint(step)
+        if accelerator.num_processes > 1:
+            loss = accelerator.reduce(loss.to(device), "mean").cpu()
         if progress is not None:
             progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start))
-        if preview is not None and config.preview_every and step % config.preview_every == 0:
+        if preview is not None and config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
             preview(step, preview_images(pipe, accelerator.unwrap_model(unet), preview_prompt or with_trigger("", trigger)))
     unet = accelerator.unwrap_model(unet)
     unet.eval()
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
     return unet
+
+
+def cancel_requested(accelerator: Accelerator, cancel: threading.Event | None) -> bool:
+    """Whether any process was asked to cancel: all of them stop at the same step."""
+    requested = cancel is not None and cancel.is_set()
+    if accelerator.num_processes == 1:
+        return requested
+    return bool(accelerator.reduce(torch.tensor(float(requested), device=accelerator.device), "sum") > 0)
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ class TrainingJob:
     """
 
     def __init__(self, studio: Studio, images: list, name: str, trigger: str | None = None,
-                 config: TrainingConfig | None = None, preset: str = "quick"):
+                 config: TrainingConfig | None = None, preset: str = "quick", resume: bool | None = None):
         self._cancel = threading.Event()
         self._events: queue.Queue = queue.Queue()
         self._outcome: dict = {}
@@ -49,7 +49,8 @@ class TrainingJob:
             try:
                 self._outcome["result"] = studio.train(
                     images, name, trigger=trigger, config=config, preset=preset, progress=self._events.put,
-                    preview=lambda step, samples: self._events.put(TrainingPreview(step, samples)), cancel=self._cancel)
+                    preview=lambda step, samples: self._events.put(TrainingPreview(step, samples)), cancel=self._cancel,
+                    resume=resume)
             except BaseException as error:  # noqa: BLE001 - re-raised in the caller by result()
                 self._outcome["error"] = error
             finally:
