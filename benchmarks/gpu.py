@@ -12,8 +12,8 @@ memory do not depend on the weights.
   training    seconds per optimizer step and peak CUDA memory of a Share style (train_style) and
               of a PEFT LoRA of the same rank on the same targets (benchmarks.continual.add_lora,
               train_lora), both in the one loop training.fit: the checkpoint "quick" preset (rank 4,
-              batch 4), fp16 autocast with trainable parameters in fp32, 8 training images of
-              random pixels; the first WARMUP_STEPS steps are not timed.
+              batch 4), fp16 autocast with a gradient scaler, trainable parameters in fp32, 8
+              training images of random pixels; the first WARMUP_STEPS steps are not timed.
   generation  seconds per 512×512 image (generate_images, the pipeline's PNDM, classifier-free
               guidance) of the base UNet, of the Share UNet with no style active and with the
               trained style active (unfused, as the app generates), interleaved round by round
@@ -165,7 +165,7 @@ def markdown_report(results: dict) -> str:
             f"SD1.5 architecture with random weights (benchmarks/sd15.py), {settings['resolution']}×{settings['resolution']}, fp16.",
             "## Training",
             f"training.fit for both: {settings['steps']} steps, the first {WARMUP_STEPS} not timed; batch "
-            f"{settings['batch_size']}, rank {settings['rank']} on every attention projection, fp16 autocast, trainable "
+            f"{settings['batch_size']}, rank {settings['rank']} on every attention projection, fp16 autocast and gradient scaler, trainable "
             f"parameters in fp32, {TRAINING_IMAGES} images. Peak: torch.cuda.max_memory_allocated over the whole "
             "training (encoding the images included).",
             "\n".join(lines),
