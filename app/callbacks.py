@@ -33,6 +33,7 @@ import gradio as gr
 from PIL import Image
 
 from share_diffusion.errors import ShareStudioError, first_line
+from share_diffusion.families import label as family_label
 from share_diffusion.generation import generate_images, native_size, resolve_seed
 from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
@@ -348,7 +349,7 @@ class StudioCallbacks:
         count, separate, on_disk = info["styles"], info["separate_lora_bytes"], info["bytes_on_disk"]
         lines = [
             f"**Library file** `{info['path']}` · hash `{info['library_hash']}`",
-            f"**Base model** {info['base_model']} (fingerprint `{info['fingerprint']}`)",
+            f"**Base model** {info['base_model']} ({family_label(info['family'])}, fingerprint `{info['fingerprint']}`)",
             f"**Styles** {count} · **shared basis rank k** {info['basis_rank']}",
             f"**On disk** {format_bytes(on_disk)}",
         ]

@@ -226,7 +226,7 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
     info = model_info(pipe)
     with gr.Blocks(title="Share Studio") as demo:
         gr.Markdown(
-            f"## Share Studio\nModel **{info.name}** · fingerprint `{info.fingerprint}` · "
+            f"## Share Studio\nModel **{info.name}** ({info.family_label}) · fingerprint `{info.fingerprint}` · "
             f"{info.device} {info.dtype} · attention {info.attention}"
             + (f" · library `{studio.path}`" if studio else " · no style library (start with `--library PATH`)")
         )
