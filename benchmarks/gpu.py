@@ -200,7 +200,8 @@ def main(argv: list[str] | None = None) -> None:
     import peft
 
     from benchmarks.perf import quiet_libraries
-    from benchmarks.sd15 import SD15_RESOLUTION, sd15_pipeline
+    from benchmarks.sd15 import sd15_pipeline
+    from share_diffusion.generation import native_size
     from share_diffusion.training import training_config
 
     started = time.perf_counter()
@@ -208,8 +209,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m benchmarks.gpu" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     print(command, flush=True)
     pipe = sd15_pipeline("cuda", torch.float16)
+    resolution = native_size(pipe)[0]
     config = training_config("quick", "checkpoint", steps=args.steps, mixed_precision="fp16", strength_previews=0)
-    results = run_benchmark(pipe, random_images(TRAINING_IMAGES, SD15_RESOLUTION), config, args.rounds, args.sampling_steps)
+    results = run_benchmark(pipe, random_images(TRAINING_IMAGES, resolution), config, args.rounds, args.sampling_steps)
     results.update(
         command=command,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -218,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
             diffusers=diffusers.__version__, peft=peft.__version__,
         ),  # fmt: skip
         settings=dict(
-            family=args.family, resolution=SD15_RESOLUTION, steps=config.steps, batch_size=config.batch_size,
+            family=args.family, resolution=resolution, steps=config.steps, batch_size=config.batch_size,
             rank=config.rank, rounds=args.rounds, sampling_steps=args.sampling_steps,
         ),  # fmt: skip
         seconds_total=time.perf_counter() - started,
