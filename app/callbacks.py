@@ -519,9 +519,10 @@ class StudioCallbacks:
             pairs += [before, (str(path), f"{earlier} · after")]
         errors = [[n, f"{result.errors_before[n]:.2e}", f"{result.errors_after[n]:.2e}"] for n in result.errors_before]
         gr.Info(f"Learned style {name!r}; the library is saved")
-        strength = (f" Style strength {result.strength}: how close {result.strength.count} previews come to your "
+        strength = (f" Style strength {result.strength}: how far {result.strength.count} previews moved toward your "
                     f"images, where 0 is the base model and 1 your images." if result.strength else "")
-        yield (f"Learned **{name}** ({config.steps} steps). It is in the style list of the Generate tab.{strength}{skipped}",
+        resumed = f" Continued the interrupted training from step {result.resumed_from}." if result.resumed_from is not None else ""
+        yield (f"Learned **{name}** ({config.steps} steps).{resumed} It is in the style list of the Generate tab.{strength}{skipped}",
                previews, pairs, errors)
 
     def cancel_training(self) -> str:
@@ -530,7 +531,8 @@ class StudioCallbacks:
             gr.Info("No training is running")
             return "No training is running."
         job.cancel()
-        return "Cancelling: the training stops at the next step and the library stays as it was…"
+        return ("Cancelling: the training stops at the next step and the library stays as it was. Training the same "
+                "style again with the same settings and images continues from there…")
 
     # --- Library tab -------------------------------------------------------------------------
 
