@@ -8,7 +8,7 @@ Each case is its own process (``python -m benchmarks.memory --case N``), so the 
 it reports (``ru_maxrss``) is its own. A case builds the model on the CPU, loads N images from PNG
 files (twice the training resolution, as users' images are larger) through load_training_images,
 and trains a Share style for 2 steps with train_style (batch 1, fp32, no previews), which first
-encodes every image through training.encode_images. The bar: 64 images peak at most 1.20 × 8.
+encodes every image through latent_cache.encode_images. The bar: 64 images peak at most 1.20 × 8.
 
   full     the SD1.5 architecture with random weights (benchmarks/sd15.py), 256×256 images
   --quick  the embedded model (assets/base-model) at 64×64: checks that the benchmark runs, in
@@ -125,7 +125,7 @@ def markdown_report(results: dict) -> str:
             f"model: {results['model']}; {small['resolution']}×{small['resolution']} images, CPU, fp32.",
             "Peak resident set (ru_maxrss) of one process per case: build the model, load the images "
             "(load_training_images, from PNG files twice that size), train a Share style for 2 steps "
-            "(train_style, batch 1, which first encodes every image with training.encode_images, 8 at a time).",
+            "(train_style, batch 1, which first encodes every image with latent_cache.encode_images, 8 at a time).",
             "\n".join(lines),
             f"**Peak with {large['images']} images / with {small['images']}: {ratio:.3f}** (bar: at most {BAR:.2f}: "
             f"{'met' if ratio <= BAR else 'NOT met'}); {growth:+.0f} MiB in all, "

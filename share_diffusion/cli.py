@@ -230,6 +230,8 @@ def register_train(subparsers) -> argparse.ArgumentParser:
                         help="do not mirror training images (for styles with text or handedness)")
     parser.add_argument("--strength-previews", type=int, default=None, metavar="N",
                         help="afterwards, score N previews against your images (default 8; 0 skips)")
+    parser.add_argument("--cache-latents", default=None, metavar="DIR",
+                        help="keep the images' VAE latents in DIR and reuse them when a style is trained again")
     parser.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                         help="save a resumable checkpoint every N steps (default 100; 0: only when cancelled)")
     restart = parser.add_mutually_exclusive_group()
@@ -259,7 +261,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         strength_previews=args.strength_previews, gradient_accumulation=args.gradient_accumulation,
         min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, flip=args.flip,
-        checkpoint_every=args.checkpoint_every,
+        checkpoint_every=args.checkpoint_every, latent_cache=args.cache_latents,
     )
     main_process = distributed_state().is_main_process
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr, disable=not main_process)

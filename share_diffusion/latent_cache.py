@@ -1,4 +1,5 @@
-"""An optional on-disk cache of the training images' VAE latents (kohya's ``--cache_latents_to_disk``).
+"""The training images' VAE latents, encoded in batches, and an optional on-disk cache of them
+(kohya's ``--cache_latents_to_disk``).
 
 Encoding is the one part of training that costs the same every time a style is retrained on the
 same images; with the cache, a retrain reads the posterior mean and std of each image instead.
@@ -19,7 +20,7 @@ latent channels × h × w). The key is a sha256 of
 The device is not part of the key: a cache filled on a GPU is reused on the CPU, with latents that
 differ only in float rounding from those the CPU would compute. Likewise misses are encoded
 together, `batch_size` at a time, so a latent can differ in its last bits from the one it would
-get in another batch; with every image a miss, the batches are those of ``training.encode_images``
+get in another batch; with every image a miss, the batches are those of ``encode_images``
 and the result is bit for bit the same.
 
 A file that cannot be read, is not a safetensors file, or holds anything other than what its key
@@ -43,7 +44,6 @@ from safetensors.torch import save_file
 
 from .errors import ShareStudioError, first_line
 from .images import ImageSet, TrainingImage
-from .training import encode_images
 
 #: Changes whenever what a cache file holds, or how its key is made, changes.
 CACHE_FORMAT = "share-latents-1"
@@ -79,10 +79,25 @@ def latent_key(image: TrainingImage, vae_id: str, vae_dtype: torch.dtype) -> str
     return digest.hexdigest()
 
 
+@torch.no_grad()
+def encode_images(pipe: StableDiffusionPipeline, images: ImageSet, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latent posterior mean and std of every image, `batch_size` images at a time so that the VAE's
+    peak memory does not grow with the training set."""
+    means, stds = [], []
+    for start in range(0, len(images.images), batch_size):
+        chunk = images.images[start : start + batch_size]
+        pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in chunk])
+        pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
+        posterior = pipe.vae.encode(pixels).latent_dist
+        means.append(posterior.mean.float().cpu())
+        stds.append(posterior.std.float().cpu())
+    return torch.cat(means), torch.cat(stds)
+
+
 def encode_images_cached(
     pipe: StableDiffusionPipeline, images: ImageSet, cache_dir: Path | None, batch_size: int = 8
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``training.encode_images``, reading and writing each image's latents under `cache_dir`.
+    """``encode_images``, reading and writing each image's latents under `cache_dir`.
 
     Without a `cache_dir` it is ``encode_images`` itself. The misses are encoded `batch_size` at a
     time and each batch is written as soon as it is encoded, so an interrupted run keeps what it did.

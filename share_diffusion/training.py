@@ -15,6 +15,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from diffusers.training_utils import compute_snr
 from .checkpoints import TrainingCheckpoint, TrainingState
 from .errors import ShareStudioError
 from .images import ImageSet
+from .latent_cache import encode_images_cached
 from .share import begin_style_training, share_layers
 
 
@@ -168,21 +170,6 @@ def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
     return copy_sharing_weights(pipe.unet)
 
 
-@torch.no_grad()
-def encode_images(pipe: StableDiffusionPipeline, images: ImageSet, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent posterior mean and std of every image, `batch_size` images at a time so that the VAE's
-    peak memory does not grow with the training set."""
-    means, stds = [], []
-    for start in range(0, len(images.images), batch_size):
-        chunk = images.images[start : start + batch_size]
-        pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in chunk])
-        pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
-        posterior = pipe.vae.encode(pixels).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
-    return torch.cat(means), torch.cat(stds)
-
-
 class StyleBatches:
     """Random training batches of one style's images: (noisy latents, timesteps, text context, target).
 
@@ -198,7 +185,7 @@ class StyleBatches:
         self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
         share = config.batch_size // ranks
         self.mine = slice(rank * share, (rank + 1) * share)
-        self.means, self.stds = encode_images(pipe, images)
+        self.means, self.stds = encode_images_cached(pipe, images, Path(config.latent_cache) if config.latent_cache else None)
         self.captions = training_captions(images, trigger)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 

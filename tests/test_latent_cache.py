@@ -12,7 +12,7 @@ from safetensors import safe_open
 
 from share_diffusion import latent_cache
 from share_diffusion.images import ImageSet, TrainingImage
-from share_diffusion.training import encode_images
+from share_diffusion.latent_cache import encode_images
 
 
 def random_images(count: int, size: int = 64, seed: int = 0) -> ImageSet:

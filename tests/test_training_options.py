@@ -9,10 +9,10 @@ from PIL import Image
 
 from share_diffusion import share
 from share_diffusion.images import ImageSet, TrainingImage
+from share_diffusion.latent_cache import encode_images
 from share_diffusion.training import (
     StyleBatches,
     TrainingConfig,
-    encode_images,
     min_snr_weights,
     train_style,
     training_unet,
