@@ -190,6 +190,44 @@ def add_library_option(parser: argparse.ArgumentParser, required: bool = True) -
     )
 
 
+def drift_budget(text: str) -> float:
+    """A drift budget from "1%" or "0.01"."""
+    try:
+        value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a drift budget is like 1% or 0.01, not {text!r}") from None
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"a drift budget is from 0% to 100%, not {text!r}")
+    return value
+
+
+def size_limit(text: str) -> int | None:
+    """A size limit: a number of basis directions, or "none"."""
+    if text.lower() == "none":
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a size limit is a number of basis directions (at least 1) or none, not {text!r}")
+    return int(text)
+
+
+def add_drift_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """--drift-budget and --size-limit: library settings, changed before the command merges."""
+    group = parser.add_argument_group("drift")
+    group.add_argument("--drift-budget", type=drift_budget, default=None, metavar="B",
+                       help=f"the most relative ΔW error a merge may leave {what} with, e.g. 1%% or 0.01 "
+                       "(default: the library's, 1%% for a new one)")
+    group.add_argument("--size-limit", type=size_limit, default=argparse.SUPPRESS, metavar="K",
+                       help="at most K basis directions per layer (or none, the default for a new library); a merge "
+                       "that would drift a style past its budget under it is refused")
+
+
+def apply_drift_options(studio, args: argparse.Namespace, style: str | None = None) -> None:
+    """Set what --drift-budget and --size-limit say (a library change of its own), if anything."""
+    limit = getattr(args, "size_limit", "keep")  # absent: keep the library's
+    if args.drift_budget is not None or limit != "keep":
+        studio.configure(drift_budget=args.drift_budget, size_limit=limit, style=style)
+
+
 def open_studio(args: argparse.Namespace, pipe=None):
     from .loading import model_info
     from .studio import Studio
@@ -237,6 +275,7 @@ def register_train(subparsers) -> argparse.ArgumentParser:
     restart = parser.add_mutually_exclusive_group()
     restart.add_argument("--resume", action="store_true", help="continue the interrupted training of this style")
     restart.add_argument("--restart", action="store_true", help="discard an interrupted training of this style and start over")
+    add_drift_options(parser, "this and later styles")
     add_model_options(parser)
     parser.set_defaults(func=cmd_train)
     return parser
@@ -251,6 +290,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .training_job import TrainingJob
 
     studio = open_studio(args)
+    apply_drift_options(studio, args)
     interrupted = studio.interrupted_training(args.name)
     if interrupted is not None and not (args.resume or args.restart):
         raise ShareStudioError(f"a training of {args.name!r} was interrupted at step {interrupted}: "
@@ -292,7 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.strength is not None:
         print(f"style strength {result.strength} (0 = the base model, 1 = your own images)")
     for name in result.errors_before:
-        print(f"  {name}: reconstruction error {result.errors_before[name]:.2e} -> {result.errors_after[name]:.2e}")
+        print(f"  {name}: ΔW error {result.errors_before[name]:.2e} -> {result.errors_after[name]:.2e}")
     return 0
 
 
@@ -304,6 +344,14 @@ def register_list(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
+LIST_FIELDS = ("name", "trigger", "created_at", "images", "steps", "rank", "error", "error_exact", "drift_budget")
+
+
+def format_drift(record: dict) -> str:
+    """A style's ΔW error for people: "3.1e-07", or "≤ 2.0e-03" where it is only a bound."""
+    return ("" if record["error_exact"] else "≤ ") + f"{record['error']:.1e}"
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     import json
 
@@ -312,20 +360,53 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     path = Path(args.library)
     library = StyleLibrary.load(path)
+    share = library.meta["share"]
     summary = {
         "library": str(path),
         "bytes": path.stat().st_size,
         "basis_rank": library.basis_rank(),
+        "drift_budget": share["drift_budget"],
+        "size_limit": share["max_basis_rank"],
         "base_model": {**library.meta["base_model"], "family": library_family(library.meta)},
-        "styles": [{k: s.get(k) for k in ("name", "trigger", "created_at", "images", "steps", "error")} for s in library.styles],
+        "styles": [{k: s.get(k) for k in LIST_FIELDS} for s in library.styles],
     }
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
-    print(f"{path}: {len(library.styles)} styles, {summary['bytes']:,} bytes, basis rank k={summary['basis_rank']}, "
-          f"base model {library.meta['base_model']['id']} ({label(summary['base_model']['family'])})")
+    limit = "no size limit" if share["max_basis_rank"] is None else f"size limit k≤{share['max_basis_rank']}"
+    print(f"{path}: {len(library.styles)} styles, {summary['bytes']:,} bytes, basis rank k={summary['basis_rank']} "
+          f"({limit}), base model {library.meta['base_model']['id']} ({label(summary['base_model']['family'])})")
     for style in summary["styles"]:
-        print(f"  {style['name']:<24} trigger {style['trigger']:<16} created {style['created_at']}  error {style['error']:.2e}")
+        print(f"  {style['name']:<24} trigger {style['trigger']:<16} rank {style['rank']:<3} created {style['created_at']}  "
+              f"ΔW error {format_drift(style)} (budget {100 * style['drift_budget']:g}%)")
+    return 0
+
+
+def register_settings(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser("settings", help="show or set a library's drift budget and size limit",
+                                   description="The drift budget is the most relative ΔW error (‖ΔW − ΔŴ‖/‖ΔW‖) a merge may "
+                                   "leave a style with; the size limit caps the basis directions per layer. Without a size "
+                                   "limit no merge cuts any style. With one, a merge that would drift a style past its "
+                                   "budget is refused, and nothing is written.")
+    add_library_option(parser)
+    parser.add_argument("--style", metavar="NAME", default=None, help="set --drift-budget for this style only")
+    add_drift_options(parser, "each new style (or --style)")
+    add_model_options(parser)
+    parser.set_defaults(func=cmd_settings)
+    return parser
+
+
+def cmd_settings(args: argparse.Namespace) -> int:
+    if args.style and args.drift_budget is None:
+        raise CommandError("--style needs --drift-budget")
+    studio = open_studio(args)
+    apply_drift_options(studio, args, style=args.style)
+    info = studio.info()
+    limit = "none" if info["size_limit"] is None else info["size_limit"]
+    print(f"{args.library}: drift budget {100 * info['drift_budget']:g}% for new styles, size limit {limit}, "
+          f"basis rank k={info['basis_rank']}")
+    for record in studio.styles:
+        print(f"  {record['name']:<24} ΔW error {format_drift(record)}, budget {100 * record['drift_budget']:g}%")
     return 0
 
 
@@ -355,14 +436,17 @@ def register_import(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("files", nargs="+", metavar="FILE", help="style-library or LoRA .safetensors files")
     parser.add_argument("--on-clash", choices=["rename", "replace", "skip", "error"], default="rename",
                         help="when a style name exists already (default: rename the newcomer)")
+    add_drift_options(parser, "the imported and later styles")
     add_model_options(parser)
     parser.set_defaults(func=cmd_import)
     return parser
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    added = open_studio(args).import_files(args.files, on_clash=args.on_clash)
-    print(f"imported {len(added)} styles: {', '.join(added) or 'none'}")
+    studio = open_studio(args)
+    apply_drift_options(studio, args)
+    added = studio.import_files(args.files, on_clash=args.on_clash)
+    print(f"imported {len(added)} styles in one merge: {', '.join(added) or 'none'}")
     return 0
 
 
@@ -416,7 +500,7 @@ def cmd_undo(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------
 #: Subcommand registrations, in --help order.  Add new commands here.
 COMMANDS: list[Callable] = [
-    register_generate, register_train, register_list, register_export_lora, register_import,
+    register_generate, register_train, register_list, register_settings, register_export_lora, register_import,
     register_remove, register_rename, register_undo,
 ]
 

@@ -6,6 +6,12 @@ Tensors (float32):
     text_encoder.<layer>...                              the same, when the text encoder is adapted
 Metadata: one JSON document under the key "share_studio" (see `new_metadata`).
 
+Format versions: 2 records each style's drift budget, whether its error is exact, how often a
+merge cut it and its rank, and an optional size limit (share.max_basis_rank, null: none) in place
+of version 1's fixed cap and energy threshold. Version 1 files load as version 2 (`upgrade`): the
+cap of 64 was a default, not a choice, so they get no size limit; a recorded error above float
+rounding was a triangle-inequality bound, so it is kept as a bound.
+
 Styles have a stable internal id ("s1", "s2", ...) used in tensor names, and a display name that
 users may change freely. Writes are atomic (temporary file, fsync, rename) and keep the previous
 version as `<file>.bak`, which is what "undo the last merge" restores. Loading validates everything
@@ -38,9 +44,10 @@ except ImportError:  # Windows: the exclusively created lock file alone
 
 from . import families
 from .errors import ShareStudioError, first_line
-from .share import ShareConfig
+from .share import DRIFT_BUDGET, EXACT, ShareConfig
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 METADATA_KEY = "share_studio"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
@@ -118,8 +125,8 @@ def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_en
         "share": {
             "rank": config.rank,
             "alpha": config.alpha,
-            "max_basis_rank": config.max_basis_rank,
-            "energy_threshold": config.energy_threshold,
+            "max_basis_rank": config.max_basis_rank,  # the size limit on k per side; None: none
+            "drift_budget": config.drift_budget,  # for new styles; each style records its own
         },
         "next_style_number": 1,
         "styles": [],
@@ -178,7 +185,7 @@ class StyleLibrary:
             rank=share["rank"],
             alpha=share["alpha"],
             max_basis_rank=share["max_basis_rank"],
-            energy_threshold=share["energy_threshold"],
+            drift_budget=share["drift_budget"],
             target_modules=tuple(self.meta["target_modules"]["unet"]),
         )
 
@@ -232,7 +239,28 @@ class StyleLibrary:
         except (SafetensorError, ValueError, RuntimeError, OverflowError) as error:
             raise LibraryError(f"{source}: damaged tensor data ({first_line(error)})") from None
         validate(meta, state, source)
-        return cls(meta, state)
+        return cls(upgrade(meta, state), state)
+
+
+def style_rank(state: dict[str, torch.Tensor], style_id: str) -> int:
+    """A style's rank: the widest of its loadings over the layers (each layer stores its own r_s)."""
+    suffix = f".styles.{style_id}.loadings_a"
+    return max((v.shape[1] for k, v in state.items() if k.endswith(suffix)), default=0)
+
+
+def upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
+    """Version 1 metadata as version 2 (a validated version-1 file; see the module docstring)."""
+    if meta["format_version"] == FORMAT_VERSION:
+        return meta
+    meta = {**meta, "format_version": FORMAT_VERSION}
+    meta["share"] = {"rank": meta["share"]["rank"], "alpha": meta["share"]["alpha"], "max_basis_rank": None,
+                     "drift_budget": DRIFT_BUDGET}
+    meta["styles"] = [
+        {**record, "drift_budget": DRIFT_BUDGET, "error_exact": record["error"] <= EXACT,
+         "cuts": 0 if record["error"] <= EXACT else 2, "rank": style_rank(state, record["id"])}
+        for record in meta["styles"]
+    ]
+    return meta
 
 
 def read_header_metadata(data: bytes, source: str) -> dict:
@@ -269,14 +297,18 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         raise LibraryError(f"{source}: {message}")
 
     version = meta.get("format_version")
-    if version != FORMAT_VERSION:
-        fail(f"format version {version!r} is not supported (this Share Studio reads version {FORMAT_VERSION})")
+    if type(version) is not int or version not in READABLE_VERSIONS:
+        fail(f"format version {version!r} is not supported (this Share Studio reads versions "
+             f"{', '.join(map(str, READABLE_VERSIONS))})")
 
     def integer(value, low, high) -> bool:
         return type(value) is int and low <= value <= high
 
     def number(value) -> bool:
         return type(value) in (int, float) and math.isfinite(value)
+
+    def budget(value) -> bool:
+        return number(value) and 0 <= value <= 1
 
     # Exact types, since Studio and the training code use these values as they are.
     try:
@@ -290,11 +322,14 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         assert isinstance(fingerprint, str) and isinstance(meta["base_model"]["id"], str)
         assert isinstance(meta["base_model"].get("family", families.UNKNOWN), str)  # absent before families
         assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in STORED_COMPONENTS)
-        assert integer(rank, 1, 1024) and integer(max_rank, 1, 4096)
+        assert integer(rank, 1, 1024) and (max_rank is None and version > 1 or integer(max_rank, 1, 4096))
         # "phi" (temporary basis directions) is written by libraries from before free-factor training.
         assert "phi" not in share or integer(share["phi"], 1, 4096)
         assert share["alpha"] is None or number(share["alpha"])
-        assert number(share["energy_threshold"]) and 0 < share["energy_threshold"] <= 1
+        if version == 1:
+            assert number(share["energy_threshold"]) and 0 < share["energy_threshold"] <= 1
+        else:
+            assert budget(share["drift_budget"])
         assert integer(next_number, 1, 10**9)
     except (KeyError, TypeError, ValueError, AssertionError, OverflowError):
         fail("library metadata is incomplete or malformed")
@@ -308,6 +343,9 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
             fail(f"style id {record['id']!r} is not below next_style_number {next_number}")
         if not number(record.get("error")) or not isinstance(record.get("error_history"), list):
             fail(f"style {record['id']!r} lacks its error bookkeeping")
+        if version > 1 and not (budget(record.get("drift_budget")) and type(record.get("error_exact")) is bool
+                                and integer(record.get("cuts"), 0, 10**9) and integer(record.get("rank"), 0, 4096)):
+            fail(f"style {record['id']!r} lacks its drift budget, error kind, cut count or rank")
         try:
             name = check_style_name(record.get("name"))
             check_trigger(record.get("trigger"))
@@ -344,7 +382,8 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         basis_a, basis_b = fields.get("basis_a"), fields.get("basis_b")
         if basis_a is None or basis_b is None or basis_a.dim() != 2 or basis_b.dim() != 2:
             fail(f"{where} lacks a two-dimensional basis")
-        if basis_a.shape[1] > max_rank or basis_b.shape[1] > max_rank:
+        # Version 1's cap bound every basis; version 2's size limit binds the next merge (it may have been lowered).
+        if version == 1 and (basis_a.shape[1] > max_rank or basis_b.shape[1] > max_rank):
             fail(f"{where} has a basis wider than the library's cap of {max_rank}")
         for style_id in ids:
             loadings_a = fields.get(f"{style_id}.loadings_a")

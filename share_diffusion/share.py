@@ -11,10 +11,13 @@ The life of a style, one function each below:
   2. expand        the basis is widened, for the training only, by the new style's own r
                    directions per side: its factors B (d_out×r) and A (d_in×r).
   3. train         only B and A learn, exactly as a LoRA's do (StyleInTraining).
-  4. merge_style   thin SVD of every style's canonical factors gives the new basis.
-  5. reproject     every style's loadings become the least-squares projection onto it.
+  4. merge_styles  thin SVD of every style's canonical factors gives the new basis; k is the
+                   smallest that keeps every style exact (to float rounding), or the size limit.
+  5. reproject     every style's loadings become the least-squares projection onto it, and each
+                   style's error is measured exactly (projection_errors, rounding_errors).
 
-k_a and k_b are chosen independently by the same rule (usually they are equal).
+Several new styles (a joint import) merge in one step, with one SVD over all of them.
+Each style keeps its own rank r_s: its loadings are zero past column r_s and are stored without.
 Styles are identified by string ids without "." (they appear inside state-dict keys).
 
 Model level (PEFT-tuner-like): ShareConfig -> inject_share_layers() wraps target nn.Linear
@@ -35,12 +38,19 @@ CLIP_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
 StyleMix = dict[str, float] | list[dict[str, float]]
 
 
+#: A merge step that moves a style's ΔW by at most this (relative) only rounds it: float32 keeps
+#: about 7 digits. Without a size limit, k is the smallest that keeps every style within it.
+EXACT = 1e-6
+#: The default drift budget: the most relative ΔW error a merge may leave any style with.
+DRIFT_BUDGET = 0.01
+
+
 @dataclass
 class ShareConfig:
     rank: int = 4  # r of a newly trained style
     alpha: float | None = None  # scale = alpha / rank; None means alpha = rank
-    max_basis_rank: int = 64  # cap on k per side
-    energy_threshold: float = 0.999999999  # keep all but numerical noise of Σσ²
+    max_basis_rank: int | None = None  # the optional size limit on k per side; None: k grows as the styles need
+    drift_budget: float = DRIFT_BUDGET  # ‖ΔW − ΔŴ‖/‖ΔW‖ a merge may leave any style with (checked by Studio)
     target_modules: tuple[str, ...] = UNET_TARGET_MODULES
 
     @property
@@ -76,6 +86,20 @@ def canonical_factors(factors_b: Tensor, factors_a: Tensor) -> tuple[Tensor, Ten
     return q_b @ u * root, q_a @ vh.mT * root
 
 
+def batched_canonical_factors(factors: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """canonical_factors of each (B, A), batched over those of one shape (many LoRAs share one)."""
+    result: list = [None] * len(factors)
+    groups: dict[tuple, list[int]] = {}
+    for i, (b, a) in enumerate(factors):
+        groups.setdefault((*b.shape, *a.shape), []).append(i)
+    for indices in groups.values():
+        canonical_b, canonical_a = canonical_factors(torch.stack([factors[i][0] for i in indices]),
+                                                     torch.stack([factors[i][1] for i in indices]))
+        for n, i in enumerate(indices):
+            result[i] = canonical_b[n], canonical_a[n]
+    return result
+
+
 def pad_columns(matrix: Tensor, width: int) -> Tensor:
     return F.pad(matrix, (0, width - matrix.shape[-1]))
 
@@ -87,41 +111,42 @@ def stack_padded(loadings: list[Tensor], rows: int, width: int) -> Tensor:
     return torch.stack([pad_columns(x, width) for x in loadings])
 
 
-def subspace_coordinates(basis: Tensor, old_coordinates: Tensor, new_factor: Tensor) -> tuple[Tensor, Tensor]:
-    """Q = orthonormal span of [basis, new_factor] (d×q), and every style's factor in Q coordinates.
+def subspace_coordinates(basis: Tensor, old_coordinates: Tensor, new_factors: list[Tensor]) -> tuple[tuple, Tensor]:
+    """Q = orthonormal span of [basis, every new factor] (d×q), and every style's factor in Q coordinates.
 
-    old_coordinates (T, k, w) are styles in basis coordinates; new_factor is (d, w').
-    Returns Q and coordinates (T+1, q, max(w, w')). Cost O(d q²): nothing grows with T·d.
+    old_coordinates (T, k, w) are styles in basis coordinates; new_factors are (d, w_i).
+    Returns Q as Householder reflectors (see in_space) and coordinates (T+n, q, max(w, w_i)):
+    Qᵀ[basis, new factors] is the R of the QR. Cost O(d q²): nothing grows with T·d.
     """
-    q = torch.linalg.qr(torch.cat([basis, new_factor], dim=1)).Q
-    basis_in_q = q.mT @ basis
-    width = max(old_coordinates.shape[-1], new_factor.shape[-1])
-    old = pad_columns(basis_in_q @ old_coordinates, width)
-    new = pad_columns(q.mT @ new_factor, width)
-    return q, torch.cat([old, new.unsqueeze(0)])
+    reflectors, tau = torch.geqrf(torch.cat([basis, *new_factors], dim=1))
+    r = reflectors[: len(tau)].triu()
+    width = max([old_coordinates.shape[-1], *(f.shape[-1] for f in new_factors)])
+    blocks = r.split([basis.shape[1], *(f.shape[1] for f in new_factors)], dim=1)
+    old = pad_columns(blocks[0] @ old_coordinates, width)
+    return (reflectors[:, : len(tau)], tau), torch.cat([old, *(pad_columns(block, width).unsqueeze(0) for block in blocks[1:])])
 
 
-def basis_rank(singular_values: Tensor, max_rank: int, energy_threshold: float, tolerance: float) -> int:
-    """min(cap, smallest k reaching the energy threshold of Σσ², number of non-zero σ)."""
-    energy = singular_values.square()
-    if energy.sum() == 0:
-        return 0
-    cumulative = energy.cumsum(0) / energy.sum()
-    reaching_threshold = int((cumulative < energy_threshold).sum()) + 1
-    nonzero = int((singular_values > tolerance * singular_values[0]).sum())
-    return min(max_rank, reaching_threshold, nonzero)
+def in_space(q: tuple, coordinates: Tensor) -> Tensor:
+    """Q · coordinates (d×k) for Q given as subspace_coordinates' reflectors, without forming Q."""
+    reflectors, tau = q
+    padded = F.pad(coordinates, (0, 0, 0, reflectors.shape[0] - coordinates.shape[0]))
+    return torch.ormqr(reflectors, tau, padded)
 
 
-def principal_directions(coordinates: Tensor, max_rank: int, energy_threshold: float, eps: float) -> Tensor:
-    """Top left singular vectors (q×k) of all styles' factors stacked side by side."""
+def principal_directions(coordinates: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Every left singular vector (q×q, by falling σ) of all styles' factors stacked side by side.
+
+    Each style enters with unit norm, so a quiet style is not drowned out by a loud one (and
+    times its weight, when a size limit forces a cut). They come from the eigenvectors of the
+    q×q Gram matrix: orthonormal and complete, so every style's factor lies in their span.
+    """
     norms = coordinates.square().sum(dim=(1, 2), keepdim=True).sqrt()
-    # Every style enters with unit norm so a quiet style is not drowned out by a loud one.
     unit = coordinates / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+    if weights is not None:
+        unit = unit * weights[:, None, None]
     styles, q, width = unit.shape
     stacked = unit.permute(1, 0, 2).reshape(q, styles * width)
-    u, s, _ = torch.linalg.svd(stacked, full_matrices=False)
-    k = basis_rank(s, max_rank, energy_threshold, tolerance=max(stacked.shape) * eps)
-    return u[:, :k]
+    return torch.linalg.eigh(stacked @ stacked.mT).eigenvectors.flip(-1)
 
 
 def squared_norm_of_product(x: Tensor, y: Tensor) -> Tensor:
@@ -129,65 +154,129 @@ def squared_norm_of_product(x: Tensor, y: Tensor) -> Tensor:
     return ((x.mT @ x) * (y.mT @ y)).sum(dim=(-2, -1))
 
 
-def reproject(
-    directions_b: Tensor, directions_a: Tensor, coordinates_b: Tensor, coordinates_a: Tensor
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Least-squares loadings of every style on the new basis, and each style's relative error.
+def projection_errors(beta: Tensor, alpha: Tensor, k_b: int, k_a: int) -> Tensor:
+    """Each style's relative error ‖ΔW − P_b ΔW P_a‖/‖ΔW‖ when the first k_b, k_a directions are kept.
 
-    With C = Q·directions and B̃ = Q·coordinates, L_B = C_Bᵀ B̃ = directionsᵀ·coordinates;
-    ΔŴ = C_B L_B L_Aᵀ C_Aᵀ is then the Frobenius projection of ΔW onto {C_B K C_Aᵀ}, so
-    ‖ΔW − ΔŴ‖² = ‖ΔW‖² − ‖L_B L_Aᵀ‖² (float64: resolves relative errors down to ~1e-8).
+    beta (T, m_b, w), alpha (T, m_a, w) are the styles' canonical factors in all the directions,
+    B̃ = U_b β and Ã = U_a α. The residual splits into orthogonal parts, (I − P_b) ΔW and
+    P_b ΔW (I − P_a), so ‖ΔW − ΔŴ‖² = ‖β[k_b:] αᵀ‖² + ‖β[:k_b] α[k_a:]ᵀ‖²: only what is
+    dropped is summed, with no cancellation (float64: exact to ~1e-15).
     """
-    loadings_b = directions_b.mT @ coordinates_b
-    loadings_a = directions_a.mT @ coordinates_a
-    delta = squared_norm_of_product(coordinates_b, coordinates_a)
-    kept = squared_norm_of_product(loadings_b, loadings_a)
-    errors = ((delta - kept).clamp_min(0) / delta.clamp_min(torch.finfo(delta.dtype).tiny)).sqrt()
-    return loadings_b, loadings_a, errors
+    dropped = squared_norm_of_product(beta[:, k_b:], alpha) + squared_norm_of_product(beta[:, :k_b], alpha[:, k_a:])
+    total = squared_norm_of_product(beta, alpha)
+    return (dropped / total.clamp_min(torch.finfo(total.dtype).tiny)).sqrt()
+
+
+def basis_rank(beta: Tensor, alpha: Tensor, tolerance: float = EXACT, limit: int | None = None) -> int:
+    """The smallest k (k_b = min(k, m_b), k_a = min(k, m_a)) at which every style's projection
+    error is at most `tolerance`, up to `limit`: a binary search, since the error only falls as
+    k grows. Above the limit, the limit (a cut)."""
+
+    def exact(k: int) -> bool:
+        return bool((projection_errors(beta, alpha, min(k, beta.shape[1]), min(k, alpha.shape[1])) <= tolerance).all())
+
+    low, high = 0, max(beta.shape[1], alpha.shape[1])  # all directions: every error is 0
+    if limit is not None and limit < high:
+        if not exact(limit):
+            return limit
+        high = limit
+    while low < high:
+        k = (low + high) // 2
+        if exact(k):
+            high = k
+        else:
+            low = k + 1
+    return low
+
+
+def rounding_errors(basis_b: Tensor, basis_a: Tensor, loadings_b: Tensor, loadings_a: Tensor,
+                    stored: tuple[Tensor, Tensor, Tensor, Tensor], norms: Tensor) -> Tensor:
+    """A bound on how far storing (float32, columns past each rank zeroed) moves each style's ΔW,
+    relative to `norms` (‖ΔW_s‖ before the merge).
+
+    With C orthonormal, C' = C + E and L' = L + ΔL the stored values and K = L_b L_aᵀ:
+        C'K'C'_aᵀ − C K C_aᵀ = C(K' − K)C_aᵀ + E_b K' C_aᵀ + C K' E_aᵀ + E_b K' E_aᵀ,
+        K' − K = ΔL_b L'_aᵀ + L_b ΔL_aᵀ,
+    so the change is at most ‖ΔL_b L'_aᵀ‖ + ‖L_b ΔL_aᵀ‖ + (‖E_b‖ + ‖E_a‖ + ‖E_b‖‖E_a‖)‖K'‖, ‖E‖₂ ≤ ‖E‖_F.
+    """
+    stored_basis_b, stored_basis_a, stored_b, stored_a = (t.to(basis_b.dtype) for t in stored)
+    e_b = (stored_basis_b - basis_b).norm()
+    e_a = (stored_basis_a - basis_a).norm()
+    change = (
+        squared_norm_of_product(stored_b - loadings_b, stored_a).sqrt()
+        + squared_norm_of_product(loadings_b, stored_a - loadings_a).sqrt()
+        + (e_b + e_a + e_b * e_a) * squared_norm_of_product(stored_b, stored_a).sqrt()
+    )
+    return change / norms.clamp_min(torch.finfo(norms.dtype).tiny)
+
+
+def rank_mask(ranks: Tensor, width: int) -> Tensor:
+    """(T, 1, width): 1 in each style's first r_s columns, 0 past them."""
+    return (torch.arange(width, device=ranks.device) < ranks[:, None]).unsqueeze(1)
 
 
 class Merge(NamedTuple):
     basis_b: Tensor  # (d_out, k_b)
     basis_a: Tensor  # (d_in, k_a)
-    loadings_b: Tensor  # (T+1, k_b, r), the new style last
-    loadings_a: Tensor  # (T+1, k_a, r)
-    relative_errors: Tensor  # (T+1,)
+    loadings_b: Tensor  # (T+n, k_b, w), the new styles last, zero past each style's rank
+    loadings_a: Tensor  # (T+n, k_a, w)
+    ranks: Tensor  # (T+n,) each style's own rank r_s
+    step_errors: Tensor  # (T+n,) ‖ΔŴ_before − ΔŴ_after‖/‖ΔŴ_before‖ of the projection, exact (float64)
+    rounding_errors: Tensor  # (T+n,) a bound on what float32 storage adds to it
 
 
 @torch.no_grad()
-def merge_style(
+def merge_styles(
     basis_b: Tensor,
     basis_a: Tensor,
     loadings_b: Tensor,
     loadings_a: Tensor,
-    new_factors_b: Tensor,
-    new_factors_a: Tensor,
-    max_basis_rank: int,
-    energy_threshold: float,
+    ranks: Tensor,
+    new_factors: list[tuple[Tensor, Tensor]],
+    size_limit: int | None = None,
+    allowances: Tensor | None = None,
 ) -> Merge:
-    """Merge a new style, ΔW ∝ new_factors_b (d_out×r) new_factors_aᵀ (d_in×r), into a basis.
+    """Merge new styles, each ΔW ∝ B (d_out×r) Aᵀ (d_in×r), into a basis in one step.
 
-    loadings_* (T, k, r) hold the existing styles (zero-padded to a common r). The new basis
-    is the thin SVD of all T+1 styles' unit-norm canonical factors; no d×d matrix is formed.
-    The math runs in float64: it is O(d(k+r)²) plus a (k+r)×(T·r) SVD, so precision is cheap.
+    loadings_* (T, k, w) hold the existing styles, zero past each one's rank (ranks, (T,)).
+    The new basis comes from one thin SVD of all T+n styles' unit-norm canonical factors; no
+    d×d matrix is formed. k is the smallest that keeps every style exact (step error ≤ EXACT).
+    If that is above size_limit, k is the limit, and each style enters the SVD weighted by
+    1/allowance (the step error it may still take, (T+n,)), so the styles with the least room
+    keep their directions first; compare step_errors + rounding_errors with the allowances.
+    The math runs in float64: O(d(k+Σr)²) plus a (k+Σr)×((T+n)·r) SVD.
     """
     f64 = torch.float64
-    old_b, old_a = canonical_factors(loadings_b.to(f64), loadings_a.to(f64))
-    new_b, new_a = canonical_factors(new_factors_b.to(f64), new_factors_a.to(f64))
-    q_b, coordinates_b = subspace_coordinates(basis_b.to(f64), old_b, new_b)
-    q_a, coordinates_a = subspace_coordinates(basis_a.to(f64), old_a, new_a)
-    eps = torch.finfo(basis_b.dtype).eps
-    directions_b = principal_directions(coordinates_b, max_basis_rank, energy_threshold, eps)
-    directions_a = principal_directions(coordinates_a, max_basis_rank, energy_threshold, eps)
-    new_loadings_b, new_loadings_a, errors = reproject(directions_b, directions_a, coordinates_b, coordinates_a)
+    old_b, old_a = (pad_columns(f, loadings_b.shape[-1]) for f in canonical_factors(loadings_b.to(f64), loadings_a.to(f64)))
+    new = batched_canonical_factors([(b.to(f64), a.to(f64)) for b, a in new_factors])
+    ranks = torch.cat([ranks.to(torch.long).cpu(), torch.tensor([b.shape[1] for b, _ in new], dtype=torch.long)])
+    q_b, coordinates_b = subspace_coordinates(basis_b.to(f64), old_b, [b for b, _ in new])
+    q_a, coordinates_a = subspace_coordinates(basis_a.to(f64), old_a, [a for _, a in new])
+    directions_b, directions_a = principal_directions(coordinates_b), principal_directions(coordinates_a)
+    beta, alpha = directions_b.mT @ coordinates_b, directions_a.mT @ coordinates_a
+    k = basis_rank(beta, alpha, limit=size_limit)
+    cut = size_limit is not None and k == size_limit and k < max(beta.shape[1], alpha.shape[1])
+    if cut and allowances is not None:  # keep first the directions of the styles that can lose least
+        weights = 1 / allowances.to(f64).clamp_min(EXACT)
+        directions_b, directions_a = principal_directions(coordinates_b, weights), principal_directions(coordinates_a, weights)
+        beta, alpha = directions_b.mT @ coordinates_b, directions_a.mT @ coordinates_a
+    k_b, k_a = min(k, beta.shape[1]), min(k, alpha.shape[1])
+    step_errors = projection_errors(beta, alpha, k_b, k_a)
+    new_basis_b, new_basis_a = in_space(q_b, directions_b[:, :k_b]), in_space(q_a, directions_a[:, :k_a])
+    loadings = beta[:, :k_b], alpha[:, :k_a]  # L = Cᵀ B̃: the least-squares loadings
+    mask = rank_mask(ranks, beta.shape[-1]).to(device=beta.device)
     dtype = basis_b.dtype
-    return Merge(
-        (q_b @ directions_b).to(dtype),
-        (q_a @ directions_a).to(dtype),
-        new_loadings_b.to(dtype),
-        new_loadings_a.to(dtype),
-        errors.float(),
-    )
+    stored = tuple(t.to(dtype).contiguous() for t in (new_basis_b, new_basis_a, loadings[0] * mask, loadings[1] * mask))
+    norms = squared_norm_of_product(coordinates_b, coordinates_a).sqrt()
+    rounding = rounding_errors(new_basis_b, new_basis_a, *loadings, stored, norms)
+    return Merge(*stored, ranks, step_errors.float(), rounding.float())
+
+
+def merge_style(basis_b, basis_a, loadings_b, loadings_a, ranks, new_factors_b, new_factors_a,
+                size_limit: int | None = None, allowances: Tensor | None = None) -> Merge:
+    """merge_styles with one new style (what a training ends with)."""
+    return merge_styles(basis_b, basis_a, loadings_b, loadings_a, ranks, [(new_factors_b, new_factors_a)],
+                        size_limit, allowances)
 
 
 def relative_error(factors_b: Tensor, factors_a: Tensor, approx_b: Tensor, approx_a: Tensor) -> float:
@@ -260,6 +349,7 @@ class ShareLinear(nn.Module):
         self.register_buffer("loadings_a", loadings_a, persistent=False)
         self.register_buffer("loadings_b", loadings_b, persistent=False)
         self.register_buffer("scales", torch.zeros(0, device=device), persistent=False)
+        self.register_buffer("ranks", torch.zeros(0, dtype=torch.long, device=device), persistent=False)
         self.register_buffer("mix", None, persistent=False)
 
     # diffusers' attention processors read attn.to_q.weight.dtype
@@ -304,24 +394,37 @@ class ShareLinear(nn.Module):
 
     # --- styles -------------------------------------------------------------------------
 
-    def add_style(self, style: str, factors_b: Tensor, factors_a: Tensor, scale: float = 1.0) -> dict[str, float]:
-        """Merge a style with ΔW = scale · factors_b factors_aᵀ (a trained style or an imported
-        LoRA: B = lora_B.weight, A = lora_A.weightᵀ). Returns every style's relative error."""
+    def plan_merge(self, new: dict[str, tuple[Tensor, Tensor]], allowances: dict[str, float] | None = None) -> Merge:
+        """The merge of new styles {id: (B, A)}, ΔW ∝ B Aᵀ (a trained style or an imported LoRA:
+        B = lora_B.weight, A = lora_A.weightᵀ), computed without changing the layer. allowances:
+        {id: the step error each style may still take}, which orders a cut (merge_styles)."""
         self._require_idle()
-        if not style or "." in style or style in self.style_ids:
-            raise ValueError(f"style id {style!r} must be new, non-empty and without '.'")
+        for style in new:
+            if not style or "." in style or style in self.style_ids:
+                raise ValueError(f"style id {style!r} must be new, non-empty and without '.'")
         device = self.basis_a.device
-        merge = merge_style(
-            self.basis_b, self.basis_a, self.loadings_b, self.loadings_a,
-            factors_b.to(device), factors_a.to(device),
-            self.config.max_basis_rank, self.config.energy_threshold,
+        ids = [*self.style_ids, *new]
+        weights = None if allowances is None else torch.tensor([allowances[s] for s in ids], dtype=torch.float64)
+        return merge_styles(
+            self.basis_b, self.basis_a, self.loadings_b, self.loadings_a, self.ranks,
+            [(b.to(device), a.to(device)) for b, a in new.values()], self.config.max_basis_rank, weights,
         )  # fmt: skip
+
+    def apply_merge(self, merge: Merge, scales: dict[str, float]) -> dict[str, float]:
+        """Take a plan_merge result for the new styles {id: scale}; returns every style's step error
+        (projection and float32 storage) relative to its ΔW before the merge."""
+        self._require_idle()
         self.basis_b, self.basis_a = merge.basis_b, merge.basis_a
         self.loadings_b, self.loadings_a = merge.loadings_b, merge.loadings_a
-        self.scales = torch.cat([self.scales, self.scales.new_tensor([scale])])
-        self.style_ids.append(style)
+        self.ranks = merge.ranks.to(self.scales.device)
+        self.scales = torch.cat([self.scales, self.scales.new_tensor(list(scales.values()))])
+        self.style_ids.extend(scales)
         self._refresh_mix()
-        return dict(zip(self.style_ids, merge.relative_errors.tolist()))
+        return dict(zip(self.style_ids, (merge.step_errors + merge.rounding_errors).tolist()))
+
+    def add_style(self, style: str, factors_b: Tensor, factors_a: Tensor, scale: float = 1.0) -> dict[str, float]:
+        """Merge one style with ΔW = scale · factors_b factors_aᵀ; returns every style's step error."""
+        return self.apply_merge(self.plan_merge({style: (factors_b, factors_a)}), {style: scale})
 
     def remove_style(self, style: str) -> None:
         """Drop a style's loadings; the basis is unchanged. It also leaves the active mix."""
@@ -329,7 +432,7 @@ class ShareLinear(nn.Module):
         index = self._index(style)
         keep = [i for i in range(len(self.style_ids)) if i != index]
         self.loadings_b, self.loadings_a = self.loadings_b[keep], self.loadings_a[keep]
-        self.scales = self.scales[keep]
+        self.scales, self.ranks = self.scales[keep], self.ranks[keep]
         self.style_ids.remove(style)
         mixes = self.active_styles if isinstance(self.active_styles, list) else [self.active_styles or {}]
         for mix in mixes:
@@ -337,11 +440,10 @@ class ShareLinear(nn.Module):
         self._refresh_mix()
 
     def style_loadings(self, style: str) -> tuple[Tensor, Tensor, float]:
-        """(L_B, L_A, scale) of one style, without zero padding columns."""
+        """(L_B, L_A, scale) of one style, r_s columns each: its own rank, not the padded width."""
         i = self._index(style)
-        loadings_b, loadings_a = self.loadings_b[i], self.loadings_a[i]
-        used = (loadings_b != 0).any(0) | (loadings_a != 0).any(0)
-        return loadings_b[:, used], loadings_a[:, used], float(self.scales[i])
+        rank = int(self.ranks[i])
+        return self.loadings_b[i, :, :rank], self.loadings_a[i, :, :rank], float(self.scales[i])
 
     def style_factors(self, style: str) -> tuple[Tensor, Tensor]:
         """Full factors for export, scale folded into B: ΔW_s = B Aᵀ (B: d_out×r, A: d_in×r)."""
@@ -427,7 +529,7 @@ class ShareLinear(nn.Module):
     # --- state --------------------------------------------------------------------------
 
     def load_state(self, basis_b: Tensor, basis_a: Tensor, styles: dict[str, tuple[Tensor, Tensor, float]]) -> None:
-        """Replace the whole Share state; styles maps id -> (L_B, L_A, scale)."""
+        """Replace the whole Share state; styles maps id -> (L_B, L_A, scale), r_s columns each."""
         self._require_idle()
         state = dict(device=self.basis_a.device, dtype=torch.float32)
         self.basis_b, self.basis_a = basis_b.to(**state), basis_a.to(**state)
@@ -436,6 +538,7 @@ class ShareLinear(nn.Module):
         self.loadings_b = stack_padded([b for b, _, _ in styles.values()], basis_b.shape[1], width).to(**state)
         self.loadings_a = stack_padded([a for _, a, _ in styles.values()], basis_a.shape[1], width).to(**state)
         self.scales = torch.tensor([float(scale) for _, _, scale in styles.values()], **state)
+        self.ranks = torch.tensor([b.shape[1] for b, _, _ in styles.values()], dtype=torch.long, device=state["device"])
         self.style_ids = list(styles)
         self.active_styles = None
         self._refresh_mix()
@@ -490,21 +593,35 @@ def set_active_styles(model: nn.Module, styles: StyleMix | None) -> None:
         layer.set_active_styles(styles)
 
 
+def plan_merge(model: nn.Module, styles: dict[str, dict[str, tuple[Tensor, Tensor]]],
+               allowances: dict[str, float] | None = None) -> dict[str, Merge]:
+    """Every layer's merge of new styles {id: {layer name: (B: d_out×r, A: d_in×r)}} in one step,
+    without changing the model (ShareLinear.plan_merge). Layers a style lacks get it with ΔW = 0."""
+    layers = share_layers(model)
+    for factors in styles.values():
+        unknown = set(factors) - set(layers)
+        if unknown:
+            raise KeyError(f"no Share layer named {sorted(unknown)[:3]}")
+    plan = {}
+    for name, layer in layers.items():
+        empty = (layer.basis_b.new_zeros(layer.basis_b.shape[0], 0), layer.basis_a.new_zeros(layer.basis_a.shape[0], 0))
+        plan[name] = layer.plan_merge({style: factors.get(name, empty) for style, factors in styles.items()}, allowances)
+    return plan
+
+
+def apply_merge(model: nn.Module, plan: dict[str, Merge], scales: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Take a plan_merge result for the new styles {id: scale}; returns layer name -> {style: step error}."""
+    layers = share_layers(model)
+    return {name: layers[name].apply_merge(merge, scales) for name, merge in plan.items()}
+
+
 def add_style(
     model: nn.Module, style: str, factors: dict[str, tuple[Tensor, Tensor]], scale: float = 1.0
 ) -> dict[str, dict[str, float]]:
     """Import a style (e.g. a plain LoRA) given as layer name -> (B: d_out×r, A: d_in×r),
     ΔW = scale · B Aᵀ. Layers not in factors get the style with ΔW = 0.
-    Returns layer name -> {style: relative error}."""
-    layers = share_layers(model)
-    unknown = set(factors) - set(layers)
-    if unknown:
-        raise KeyError(f"no Share layer named {sorted(unknown)[:3]}")
-    errors = {}
-    for name, layer in layers.items():
-        empty = (layer.basis_b.new_zeros(layer.basis_b.shape[0], 0), layer.basis_a.new_zeros(layer.basis_a.shape[0], 0))
-        errors[name] = layer.add_style(style, *factors.get(name, empty), scale=scale)
-    return errors
+    Returns layer name -> {style: step error}."""
+    return apply_merge(model, plan_merge(model, {style: factors}), {style: scale})
 
 
 def remove_style(model: nn.Module, style: str) -> None:
@@ -525,8 +642,20 @@ def begin_style_training(model: nn.Module, style: str, generator: torch.Generato
 
 
 def finish_style_training(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Merge the trained style on every layer; returns layer name -> {style: relative error}."""
+    """Merge the trained style on every layer; returns layer name -> {style: step error}."""
     return {name: layer.finish_training() for name, layer in share_layers(model).items()}
+
+
+def take_trained_style(model: nn.Module) -> tuple[str, dict[str, tuple[Tensor, Tensor]], float]:
+    """The style in training as (id, {layer: (B, A)}, scale), ending its training unmerged, so that
+    the caller can plan_merge it and check the result first."""
+    layers = share_layers(model)
+    training = [layer.style_in_training for layer in layers.values()]
+    if not training or training[0] is None:
+        raise RuntimeError("no style in training")
+    factors = {name: tuple(f.detach() for f in t.factors()) for name, t in zip(layers, training)}
+    discard_style_training(model)
+    return training[0].style, factors, training[0].scale
 
 
 def discard_style_training(model: nn.Module) -> None:

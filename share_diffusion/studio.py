@@ -21,6 +21,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from . import share
+from .drift import StyleDrift, allowance, check_budgets, merge_outcome, record_merge
 from .images import ImageSet, load_training_images
 from .library import (
     LibraryError,
@@ -58,6 +59,26 @@ class TrainResult:
     rejected: list = field(default_factory=list)  # images that could not be used, with reasons
     strength: Estimate | None = None  # how far previews moved toward the user's own images (style_measure)
     resumed_from: int | None = None  # the step an interrupted training was continued from
+
+
+@dataclass
+class MergeReport:
+    """What a merge did, or would do (Studio.check_import)."""
+
+    names: list[str]  # the new styles
+    drifts: list[StyleDrift]  # every style's error before and after (drift.py)
+    basis_rank_before: int
+    basis_rank_after: int = 0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+class _DryRun(Exception):
+    """Raised inside a transaction to roll it back and hand out what it computed."""
+
+    def __init__(self, report: MergeReport):
+        super().__init__("dry run")
+        self.report = report
 
 
 class Studio:
@@ -149,6 +170,8 @@ class Studio:
             "family": self.library.meta["base_model"].get("family", "unknown"),  # absent in older libraries
             "styles": count,
             "basis_rank": self.library.basis_rank(),
+            "drift_budget": self.library.meta["share"]["drift_budget"],
+            "size_limit": self.library.meta["share"]["max_basis_rank"],
             "bytes_on_disk": self.path.stat().st_size if self.path.exists() else 0,
             "separate_lora_bytes": one_lora * count,
             "library_hash": self.library_hash(),
@@ -206,26 +229,28 @@ class Studio:
         with self._merge_lock:
             self._attach()
 
-    def _record_merge(self, action: str, style_id: str, layer_errors: dict[str, dict[str, float]]) -> tuple[dict, dict]:
-        """Store each style's error from this merge; returns (errors before, errors after) by name."""
-        merge_number = len(self.library.meta["merges"]) + 1
-        before, after = {}, {}
-        for record in self.library.styles:
-            errors = [e[record["id"]] for e in layer_errors.values() if record["id"] in e]
-            if not errors:
-                continue
-            step = max(errors)
-            previous = record["error"]
-            # Each merge is an orthogonal projection; the triangle inequality bounds the total drift.
-            total = previous + step * (1 + previous)
-            record["error"] = total
-            record["error_history"].append({"merge": merge_number, "step_error": step, "mean_step_error": sum(errors) / len(errors), "error": total})
-            if record["id"] != style_id:
-                before[record["name"]], after[record["name"]] = previous, total
-        self.library.meta["merges"].append(
-            {"number": merge_number, "action": action, "style": style_id, "at": utc_now(), "basis_rank": self._basis_rank()}
-        )
-        return before, after
+    def _merge(self, unet, new: dict[str, tuple[dict, float]], new_records: list[dict], action: str,
+               refuse: bool = True) -> list[StyleDrift]:
+        """Merge new styles {id: (factors, scale)} into `unet` in one step (one SVD per layer over all
+        of them), after checking that no style drifts past its budget (drift.py; refuse=False: only
+        report it, for a dry run), and record every style's error. A refused merge changes nothing."""
+        config = self.library.share_config()
+        layers = share.share_layers(unet)
+        for layer in layers.values():
+            layer.config = config  # the library's size limit, as set now
+        meta = self.library.meta
+        ids = share.style_ids(unet) + list(new)
+        records = {r["id"]: r for r in [*meta["styles"], *new_records]}
+        plan = share.plan_merge(unet, {i: factors for i, (factors, _) in new.items()},
+                                {i: allowance(records[i], meta) for i in ids})
+        outcome = merge_outcome(meta, ids, new_records, plan)
+        if refuse:
+            check_budgets(outcome, config.max_basis_rank)
+        share.apply_merge(unet, plan, {i: scale for i, (_, scale) in new.items()})
+        self.library.styles.extend(new_records)
+        basis_rank = max((layer.basis_a.shape[1] for layer in layers.values()), default=0)
+        record_merge(meta, outcome, action, ",".join(new), basis_rank, utc_now())
+        return outcome
 
     def _basis_rank(self) -> int:
         return max((layer.basis_a.shape[1] for layer in share.share_layers(self.pipe.unet).values()), default=0)
@@ -233,16 +258,17 @@ class Studio:
     def _capture(self) -> None:
         self.library.set_component_state("unet", share.share_state_dict(self.pipe.unet))
 
-    def _unique_name(self, name: str) -> str:
+    def _unique_name(self, name: str, taken: set[str] = frozenset()) -> str:
         candidate, number = name, 2
-        while self.library.has_style(candidate):
+        while self.library.has_style(candidate) or candidate in taken:
             candidate = f"{name} ({number})"
             number += 1
         return candidate
 
-    def _new_record(self, name: str, trigger: str, **details) -> dict:
+    def _new_record(self, name: str, trigger: str, rank: int = 0, **details) -> dict:
         return {"id": self.library.new_style_id(), "name": name, "trigger": trigger, "created_at": utc_now(),
-                "error": 0.0, "error_history": [], **details}
+                "error": 0.0, "error_exact": True, "cuts": 0, "rank": rank,
+                "drift_budget": self.library.meta["share"]["drift_budget"], "error_history": [], **details}
 
     def train(self, images: list, name: str, trigger: str | None = None, config: TrainingConfig | None = None,
               preset: str = "quick", progress: Callable[[TrainingProgress], None] | None = None,
@@ -283,12 +309,14 @@ class Studio:
                 unet = training_unet(self.pipe)
             trained = train_style(self.pipe, unet, image_set, record["id"], trigger, config,
                                   progress=progress, preview=preview, cancel=cancel, checkpoint=checkpoint)
-            layer_errors = share.finish_style_training(trained)
-            self.library.styles.append(record)
+            style_id, factors, scale = share.take_trained_style(trained)
+            record["rank"] = max((b.shape[1] for b, _ in factors.values()), default=0)
+            outcome = self._merge(trained, {style_id: (factors, scale)}, [record], "train")
             with self._merge_lock:
                 share.load_share_state_dict(self.pipe.unet, share.share_state_dict(trained))
                 share.set_active_styles(self.pipe.unet, None)
-            before, after = self._record_merge("train", record["id"], layer_errors)
+            before = {d.name: d.before for d in outcome if d.id != style_id}
+            after = {d.name: d.after for d in outcome if d.id != style_id}
             self._capture()
             return TrainResult(name, before, after, image_set.rejected, resumed_from=resumed_from)
 
@@ -331,7 +359,17 @@ class Studio:
         return StyleMeasure(base, vae_round_trip(self.pipe.vae, own)).strength(styled)
 
     def import_files(self, paths: list, on_clash: str = "rename") -> list[str]:
-        """Merge style libraries and standard LoRA files into this library; returns the new names."""
+        """Merge style libraries and standard LoRA files into this library, all in one merge (one SVD
+        per layer over every new style); returns the new names. A merge that would drift any style
+        past its budget is refused (drift.DriftError) and the library is left as it was."""
+        return self._import(paths, on_clash, commit=True).names
+
+    def check_import(self, paths: list, on_clash: str = "rename") -> MergeReport:
+        """What import_files would do (names, every style's error after, basis rank and file size
+        before and after), computed in full and then rolled back: nothing is written."""
+        return self._import(paths, on_clash, commit=False)
+
+    def _import(self, paths: list, on_clash: str, commit: bool) -> MergeReport:
         if on_clash not in CLASH_POLICIES:
             raise ValueError(f"on_clash must be one of {CLASH_POLICIES}")
         incoming = []
@@ -345,36 +383,49 @@ class Studio:
                     raise
                 factors, _, info = read_lora(path, self.pipe.unet)
                 name = style_name_from(path.stem)
-                incoming.append((name, default_trigger(name), factors, {"source": f"LoRA {path.name}", **info}))
+                incoming.append((name, default_trigger(name), factors, {"imported": f"LoRA {path.name}"}))
                 continue
             self._check_base_model(other, source=str(path))
-            for record in other.styles:
+            for record in other.styles:  # its drift so far comes along
                 factors = library_style_factors(other, record["id"], "unet")
-                incoming.append((record["name"], record["trigger"], factors, {"source": f"library {path.name}"}))
+                kept = {k: record[k] for k in ("error", "error_exact", "cuts", "drift_budget")}
+                incoming.append((record["name"], record["trigger"], factors, {"imported": f"library {path.name}", **kept}))
 
         def change():
-            added = []
+            rank_before, bytes_before = self.library.basis_rank(), self.path.stat().st_size if self.path.exists() else 0
+            new, records, taken = {}, [], set()
             for name, trigger, factors, details in incoming:
-                if self.library.has_style(name):
+                if self.library.has_style(name) or name in taken:
                     if on_clash == "error":
                         raise LibraryError(f"a style named {name!r} is already in the library")
                     if on_clash == "skip":
                         continue
-                    if on_clash == "replace":
+                    if on_clash == "replace" and name not in taken:
                         self._remove(name)
                     else:
-                        name = self._unique_name(name)
-                record = self._new_record(name, trigger, imported=details.get("source"), sample_prompt=with_trigger("", trigger))
+                        name = self._unique_name(name, taken)
+                taken.add(name)
+                rank = max((b.shape[1] for b, _ in factors.values()), default=0)
+                record = self._new_record(name, trigger, rank=rank, sample_prompt=with_trigger("", trigger))
+                record.update(details)
+                new[record["id"]] = (factors, 1.0)
+                records.append(record)
+            drifts = []
+            if new:
                 with self._merge_lock:
-                    layer_errors = share.add_style(self.pipe.unet, record["id"], factors)
+                    drifts = self._merge(self.pipe.unet, new, records, "import", refuse=commit)
                     share.set_active_styles(self.pipe.unet, None)
-                self.library.styles.append(record)
-                self._record_merge("import", record["id"], layer_errors)
-                added.append(name)
             self._capture()
-            return added
+            report = MergeReport([r["name"] for r in records], drifts, rank_before, self.library.basis_rank(),
+                                 bytes_before, len(self.library.to_bytes()))
+            if not commit:
+                raise _DryRun(report)
+            return report
 
-        return self._transaction(change)
+        try:
+            return self._transaction(change)
+        except _DryRun as dry_run:
+            return dry_run.report
 
     def _remove(self, name: str) -> None:
         record = self.library.style(name)
@@ -387,6 +438,25 @@ class Studio:
 
     def remove(self, name: str) -> None:
         self._transaction(lambda: self._remove(name))
+
+    def configure(self, drift_budget: float | None = None, size_limit: int | None | str = "keep",
+                  style: str | None = None) -> None:
+        """Set the drift budget (of new styles, or of one style's when `style` is given) and the
+        size limit (basis directions per layer and side; None: no limit). The next merge obeys them."""
+        if drift_budget is not None and not 0 <= drift_budget <= 1:
+            raise LibraryError(f"a drift budget is a fraction from 0 to 1 (0.01 is 1%), not {drift_budget}")
+        if size_limit not in ("keep", None) and (type(size_limit) is not int or size_limit < 1):
+            raise LibraryError(f"a size limit is a number of basis directions, at least 1 (or none), not {size_limit!r}")
+
+        def change():
+            if style is not None and drift_budget is not None:
+                self.library.style(style)["drift_budget"] = float(drift_budget)
+            elif drift_budget is not None:
+                self.library.meta["share"]["drift_budget"] = float(drift_budget)
+            if size_limit != "keep":
+                self.library.meta["share"]["max_basis_rank"] = size_limit
+
+        self._transaction(change)
 
     def rename(self, name: str, new_name: str) -> None:
         new_name = check_style_name(new_name)

@@ -62,7 +62,7 @@ def make_library(styles: int = 2, layers: int = 2, d: int = 8, k: int = 3, r: in
         meta["styles"].append({
             "id": f"s{n + 1}", "name": f"Style {n}", "trigger": f"style{n}", "created_at": "2026-01-01T00:00:00+00:00",
             "error": 0.01 * n, "error_history": [{"merge": 1, "step_error": 0.0, "mean_step_error": 0.0, "error": 0.0}],
-            "images": 4, "steps": 6,
+            "images": 4, "steps": 6, "drift_budget": 0.01, "error_exact": n == 0, "cuts": min(n, 2), "rank": r,
         })
         meta["merges"].append({"number": n + 1, "action": "train", "style": f"s{n + 1}", "at": "2026-01-01T00:00:00+00:00",
                                "basis_rank": k})
@@ -275,10 +275,10 @@ def usable(library: StyleLibrary) -> None:
     meta = library.meta
     try:
         config = library.share_config()
-        for value in (config.rank, config.max_basis_rank):
+        for value in (config.rank, config.max_basis_rank or 1):
             assert type(value) is int and value > 0, f"share setting {value!r}"
         assert config.alpha is None or (type(config.alpha) in (int, float) and math.isfinite(config.alpha)), "alpha"
-        assert type(config.energy_threshold) in (int, float) and 0 < config.energy_threshold <= 1, "energy_threshold"
+        assert type(config.drift_budget) in (int, float) and 0 <= config.drift_budget <= 1, "drift_budget"
         assert all(type(t) is str for t in config.target_modules), "target modules"
         assert isinstance(meta["target_modules"]["unet"], list), "target modules are not a list"
         assert isinstance(meta["base_model"]["id"], str), "base model id"

@@ -26,7 +26,8 @@ def make_library(styles=("s1", "s2"), d_in=8, d_out=6, k=3, r=2) -> StyleLibrary
     meta = new_metadata("tiny", "abc123", ShareConfig())
     state = {"unet.block.to_q.basis_a": torch.randn(d_in, k), "unet.block.to_q.basis_b": torch.randn(d_out, k)}
     for n, style_id in enumerate(styles):
-        meta["styles"].append({"id": style_id, "name": f"Style {n}", "trigger": f"style{n}", "error": 0.0, "error_history": []})
+        meta["styles"].append({"id": style_id, "name": f"Style {n}", "trigger": f"style{n}", "error": 0.0, "error_history": [],
+                               "drift_budget": 0.01, "error_exact": True, "cuts": 0, "rank": r})
         state[f"unet.block.to_q.styles.{style_id}.loadings_a"] = torch.randn(k, r)
         state[f"unet.block.to_q.styles.{style_id}.loadings_b"] = torch.randn(k, r)
         state[f"unet.block.to_q.styles.{style_id}.scale"] = torch.tensor(1.0)
