@@ -32,6 +32,7 @@ from pathlib import Path
 import gradio as gr
 from PIL import Image
 
+from share_diffusion.drift import error_text, percent
 from share_diffusion.errors import ShareStudioError, first_line
 from share_diffusion.families import label as family_label
 from share_diffusion.generation import generate_images, native_size, resolve_seed
@@ -57,7 +58,9 @@ SAMPLE_STEPS = 15
 SAMPLE_GUIDANCE = 4.0
 #: Earlier styles compared before/after a merge (the most recent ones; each costs two samples).
 MAX_COMPARED_STYLES = 8
-LIBRARY_HEADERS = ["sample", "name", "trigger", "created", "images", "steps", "reconstruction error", "source"]
+#: Styles listed in an import's drift report (the most drifted first).
+MAX_REPORTED_STYLES = 30
+LIBRARY_HEADERS = ["sample", "name", "trigger", "created", "images", "steps", "rank", "ΔW error (budget)", "source"]
 REJECTED_HEADERS = ["file", "reason"]
 
 
@@ -329,7 +332,6 @@ class StudioCallbacks:
                             self.render_sample(record["name"], sample)
                         except LibraryError:  # renamed or removed meanwhile
                             continue
-            error = record.get("error")
             rows.append([
                 _thumbnail_html(sample, record["name"]),
                 record["name"],
@@ -337,7 +339,8 @@ class StudioCallbacks:
                 format_created(record.get("created_at")),
                 record.get("images", "—"),
                 record.get("steps", "—"),
-                "—" if error is None else f"{error:.2e}",
+                record["rank"],
+                f"{error_text(record)} ({percent(record['drift_budget'])})",
                 record.get("imported") or f"trained ({record.get('preset', '?')})",
             ])
         return rows
@@ -350,13 +353,27 @@ class StudioCallbacks:
         lines = [
             f"**Library file** `{info['path']}` · hash `{info['library_hash']}`",
             f"**Base model** {info['base_model']} ({family_label(info['family'])}, fingerprint `{info['fingerprint']}`)",
-            f"**Styles** {count} · **shared basis rank k** {info['basis_rank']}",
+            f"**Styles** {count} · **shared basis rank k** {info['basis_rank']} · **size limit** "
+            f"{info['size_limit'] or 'none'} · **drift budget of new styles** {percent(info['drift_budget'])}",
             f"**On disk** {format_bytes(on_disk)}",
         ]
         if count:
-            ratio = f" ({separate / on_disk:.1f}× the library)" if on_disk else ""
-            lines.append(f"**{count} separate rank-16 fp16 LoRA files** would take {format_bytes(separate)}{ratio}")
+            ratio = f" ({separate / on_disk:.2f}× the library)" if on_disk else ""
+            lines.append(f"**The {count} styles as separate LoRA files** at their own ranks (fp16) would take "
+                         f"{format_bytes(separate)}{ratio}; the largest ΔW error of any style is "
+                         f"{error_text(max(self.studio.styles, key=lambda r: r['error']))}")
         return "  \n".join(lines)
+
+    @shown_errors
+    def save_drift_settings(self, budget_percent, size_limit) -> str:
+        """The Library tab's settings: the drift budget of new styles (%) and the size limit (0: none)."""
+        studio = self._require_studio()
+        budget = _number(budget_percent, float)
+        limit = _number(size_limit, int)
+        studio.configure(drift_budget=None if budget is None else budget / 100, size_limit=limit or None)
+        info = studio.info()
+        return (f"Saved: new styles get a drift budget of {percent(info['drift_budget'])}; size limit "
+                f"{info['size_limit'] or 'none'}.")
 
     def refresh_all(self, generate_style=None, mix_style=None, library_style=None, make_samples: bool = False) -> tuple:
         """Everything that shows the library: 3 dropdowns, the table, the facts."""
@@ -570,20 +587,47 @@ class StudioCallbacks:
         shutil.copyfile(studio.path, out)  # the file is replaced atomically, so this copy is whole
         return str(out)
 
-    @shown_errors
-    def import_files(self, files, on_clash) -> str:
-        studio = self._require_studio()
+    def _import_paths(self, files, on_clash) -> list[Path]:
         paths = _file_paths(files)
         if not paths:
             raise ValueError("choose style library or LoRA .safetensors files to import")
         if on_clash not in CLASH_POLICIES:
             raise ValueError(f"choose what to do with clashing names: {', '.join(CLASH_POLICIES)}")
-        added = studio.import_files(paths, on_clash=on_clash)
+        return paths
+
+    @shown_errors
+    def check_import(self, files, on_clash) -> tuple[str, dict]:
+        """The Import button: what the import would do, computed and rolled back, for the user to
+        confirm -> (the report, the Confirm button: shown only if every style stays within budget)."""
+        studio = self._require_studio()
+        report = studio.check_import(self._import_paths(files, on_clash), on_clash=on_clash)
+        if not report.names:
+            return "Nothing to import: every style name is already in the library.", gr.update(visible=False)
+        over = [d for d in report.drifts if d.over_budget]
+        rows = ["| style | ΔW error now | after the import | budget |", "|---|---:|---:|---:|"]
+        for drift in sorted(report.drifts, key=lambda d: -d.after)[:MAX_REPORTED_STYLES]:
+            now = "new" if drift.name in report.names else f"{drift.before:.1e}"
+            after = ("" if drift.exact else "≤ ") + f"{drift.after:.1e}" + (" **over budget**" if drift.over_budget else "")
+            rows.append(f"| {_markdown_cell(drift.name)} | {now} | {after} | {percent(drift.budget)} |")
+        summary = (f"Importing {len(report.names)} style(s) in one merge: basis rank k {report.basis_rank_before} → "
+                   f"{report.basis_rank_after}, file {format_bytes(report.bytes_before)} → {format_bytes(report.bytes_after)}.")
+        if over:
+            verdict = (f"**Not possible under the size limit:** {len(over)} style(s) would drift past their budget. "
+                       "Raise the size limit or the budget (settings above), or remove styles.")
+        else:
+            verdict = "Every style stays within its budget. **Confirm** to import; nothing is written until then."
+        return "\n\n".join([summary, verdict, "\n".join(rows)]), gr.update(visible=not over)
+
+    @shown_errors
+    def import_files(self, files, on_clash) -> tuple[str, dict]:
+        """Confirm: the import itself -> (a line about it, the Confirm button hidden again)."""
+        studio = self._require_studio()
+        added = studio.import_files(self._import_paths(files, on_clash), on_clash=on_clash)
         if not added:
             gr.Info("Nothing imported (every style name was already taken)")
-            return "Nothing imported: every style name was already in the library."
+            return "Nothing imported: every style name was already in the library.", gr.update(visible=False)
         gr.Info(f"Imported {len(added)} style(s)")
-        return f"Imported {', '.join(f'**{n}**' for n in added)}."
+        return f"Imported {', '.join(f'**{n}**' for n in added)} in one merge.", gr.update(visible=False)
 
     @shown_errors
     def export_lora(self, name, format) -> str:

@@ -174,7 +174,7 @@ def _library_tab(cb: StudioCallbacks) -> dict:
     names = cb.style_names()
     c["facts"] = gr.Markdown(cb.library_facts(), elem_id="library-facts")
     c["table"] = gr.Dataframe(headers=LIBRARY_HEADERS, value=cb.library_rows(), interactive=False,
-                              datatype=["html", "str", "str", "str", "str", "str", "str", "str"],
+                              datatype=["html", "str", "str", "str", "str", "str", "str", "str", "str"],
                               label="Styles (click a row to select it)", elem_id="library-table", wrap=True)
     with gr.Row(equal_height=True):
         c["selected"] = gr.Dropdown(choices=_style_choices(names, False), value=names[-1] if names else None,
@@ -199,7 +199,16 @@ def _library_tab(cb: StudioCallbacks) -> dict:
             c["import_files"] = gr.File(label="Files to import", file_count="multiple", file_types=[".safetensors"],
                                         elem_id="import-files", height=120)
             c["on_clash"] = gr.Radio(list(CLASH_POLICIES), value="rename", label="When a name is taken")
-            c["import"] = gr.Button("Import", elem_id="import-button")
+            c["import"] = gr.Button("Import…", elem_id="import-button")
+            c["confirm_import"] = gr.Button("Confirm import", variant="primary", visible=False, elem_id="confirm-import")
+    c["import_check"] = gr.Markdown(elem_id="import-check")
+    info = cb.studio.info() if cb.studio else {"drift_budget": 0.01, "size_limit": None}
+    with gr.Row(equal_height=True):
+        c["drift_budget"] = gr.Number(value=100 * info["drift_budget"], minimum=0, maximum=100, label="Drift budget of new "
+                                      "styles (% of ΔW)", elem_id="drift-budget", scale=2)
+        c["size_limit"] = gr.Number(value=info["size_limit"] or 0, minimum=0, precision=0, label="Size limit (basis "
+                                    "directions per layer; 0 = none)", elem_id="size-limit", scale=2)
+        c["save_settings"] = gr.Button("Save settings", scale=1, elem_id="save-settings")
 
     c["table"].select(cb.select_row, inputs=c["table"], outputs=c["selected"], api_visibility="private")
     c["export_library"].click(cb.export_library, outputs=c["library_file"], api_visibility="private")
@@ -263,8 +272,15 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
                                   concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
         after(lib["undo"].click(cb.undo, outputs=lib["status"],
                                 concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
-        after(lib["import"].click(cb.import_files, inputs=[lib["import_files"], lib["on_clash"]], outputs=lib["status"],
-                                  concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
+        lib["import"].click(cb.check_import, inputs=[lib["import_files"], lib["on_clash"]],
+                            outputs=[lib["import_check"], lib["confirm_import"]], concurrency_limit=1,
+                            concurrency_id=LIBRARY_QUEUE, api_visibility="private")
+        after(lib["confirm_import"].click(cb.import_files, inputs=[lib["import_files"], lib["on_clash"]],
+                                          outputs=[lib["status"], lib["confirm_import"]], concurrency_limit=1,
+                                          concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
+        after(lib["save_settings"].click(cb.save_drift_settings, inputs=[lib["drift_budget"], lib["size_limit"]],
+                                         outputs=lib["status"], concurrency_limit=1, concurrency_id=LIBRARY_QUEUE,
+                                         api_visibility="private"))
         after(demo.load(refresh, inputs=selections, outputs=views, api_visibility="private"))
 
     demo.share_output_dir = output_dir

@@ -14,6 +14,10 @@ baseline: the same styles, not rank-16 files), and each style's drift, ‖ΔW �
 the style as it was given, mean and max over styles and layers. Here the merges never refuse (no
 budget), to draw the whole curve; a library with the default 1% budget would refuse every merge
 whose row shows a max drift above 1%.
+
+The last column is what exact errors would cost if the library kept each cut style's reference
+factors (rank 4, float32, every layer) to measure later errors against: the library does not;
+it keeps no more than four small fields per style in its metadata (share_diffusion/drift.py).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 
 from benchmarks.merge import STYLE_RANK, sd15_attention_shapes, style_stream
 from benchmarks.output import add_output_option, write_results
-from share_diffusion.share import initialize, merge_style, relative_error
+from share_diffusion.share import EXACT, initialize, merge_style, relative_error
 
 STYLE_COUNTS = (10, 50, 100, 200)
 SIZE_LIMITS = (None, 256, 128, 64, 32)
@@ -66,11 +70,12 @@ def main() -> None:
         for t in counts:
             at_t = [row for row in rows if row["styles"] == t]
             drift = [e for row in at_t for e in row["drift"]]
+            cut = sum(any(row["drift"][i] > EXACT for row in at_t) for i in range(t))  # styles cut in some layer
             library = sum(shapes[(r["d_out"], r["d_in"])] * layer_bytes(r["d_out"], r["d_in"], r["k_b"], r["k_a"], t) for r in at_t)
             loras = sum(n * t * BYTES_PER_VALUE * STYLE_RANK * (d_out + d_in) for (d_out, d_in), n in shapes.items())
             table.append(dict(size_limit=limit, styles=t, k_max=max(max(r["k_b"], r["k_a"]) for r in at_t),
                               library_bytes=library, lora_bytes=loras, drift_mean=sum(drift) / len(drift),
-                              drift_max=max(drift)))
+                              drift_max=max(drift), cut_styles=cut, reference_bytes=cut * loras // t))
             print(f"limit {limit} T={t}: {library / 1e6:.1f} MB, drift {table[-1]['drift_mean']:.4f}", flush=True)
 
     command = "python -m benchmarks.drift_bytes" + (" --quick" if args.quick else "")
@@ -82,14 +87,15 @@ def main() -> None:
         "against each style as given, over styles and layers. Merges never refuse here; with the default 1% budget, "
         "every row whose max drift is above 1% would have been refused.",
         "| T styles | size limit | largest k | library (MB) | T rank-4 LoRA files (MB) | LoRAs / library "
-        "| drift mean | drift max | within 1% |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|",
+        "| drift mean | drift max | within 1% | cut styles | their reference factors (MB) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|:---:|---:|---:|",
     ]
     for row in sorted(table, key=lambda r: (r["styles"], -(r["size_limit"] or 10**9))):
         lines.append(
             f"| {row['styles']} | {row['size_limit'] or 'none'} | {row['k_max']} | {row['library_bytes'] / 1e6:.2f} "
             f"| {row['lora_bytes'] / 1e6:.2f} | {row['lora_bytes'] / row['library_bytes']:.2f}× | {row['drift_mean']:.2e} "
-            f"| {row['drift_max']:.2e} | {'yes' if row['drift_max'] <= 0.01 else 'no'} |"
+            f"| {row['drift_max']:.2e} | {'yes' if row['drift_max'] <= 0.01 else 'no'} | {row['cut_styles']} "
+            f"| {row['reference_bytes'] / 1e6:.2f} |"
         )
     markdown = "\n\n".join(lines[:2]) + "\n\n" + "\n".join(lines[2:]) + "\n"
     environment = dict(torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),

@@ -347,14 +347,10 @@ def register_list(subparsers) -> argparse.ArgumentParser:
 LIST_FIELDS = ("name", "trigger", "created_at", "images", "steps", "rank", "error", "error_exact", "drift_budget")
 
 
-def format_drift(record: dict) -> str:
-    """A style's ΔW error for people: "3.1e-07", or "≤ 2.0e-03" where it is only a bound."""
-    return ("" if record["error_exact"] else "≤ ") + f"{record['error']:.1e}"
-
-
 def cmd_list(args: argparse.Namespace) -> int:
     import json
 
+    from .drift import error_text, percent
     from .families import label
     from .library import StyleLibrary, library_family
 
@@ -378,7 +374,7 @@ def cmd_list(args: argparse.Namespace) -> int:
           f"({limit}), base model {library.meta['base_model']['id']} ({label(summary['base_model']['family'])})")
     for style in summary["styles"]:
         print(f"  {style['name']:<24} trigger {style['trigger']:<16} rank {style['rank']:<3} created {style['created_at']}  "
-              f"ΔW error {format_drift(style)} (budget {100 * style['drift_budget']:g}%)")
+              f"ΔW error {error_text(style)} (budget {percent(style['drift_budget'])})")
     return 0
 
 
@@ -399,14 +395,16 @@ def register_settings(subparsers) -> argparse.ArgumentParser:
 def cmd_settings(args: argparse.Namespace) -> int:
     if args.style and args.drift_budget is None:
         raise CommandError("--style needs --drift-budget")
+    from .drift import error_text, percent
+
     studio = open_studio(args)
     apply_drift_options(studio, args, style=args.style)
     info = studio.info()
     limit = "none" if info["size_limit"] is None else info["size_limit"]
-    print(f"{args.library}: drift budget {100 * info['drift_budget']:g}% for new styles, size limit {limit}, "
+    print(f"{args.library}: drift budget {percent(info['drift_budget'])} for new styles, size limit {limit}, "
           f"basis rank k={info['basis_rank']}")
     for record in studio.styles:
-        print(f"  {record['name']:<24} ΔW error {format_drift(record)}, budget {100 * record['drift_budget']:g}%")
+        print(f"  {record['name']:<24} ΔW error {error_text(record)}, budget {percent(record['drift_budget'])}")
     return 0
 
 

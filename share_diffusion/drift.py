@@ -85,6 +85,11 @@ def percent(value: float) -> str:
     return f"{100 * value:.3g}%"
 
 
+def error_text(record: dict) -> str:
+    """A style's recorded error for people: "3.1e-07", or "≤ 2.0e-03" where it is only a bound."""
+    return ("" if record["error_exact"] else "≤ ") + f"{record['error']:.1e}"
+
+
 def check_budgets(outcome: list[StyleDrift], size_limit: int | None) -> None:
     """Refuse a merge that cuts any style past its budget; the message names each one."""
     over = sorted((d for d in outcome if d.over_budget), key=lambda d: -d.after)

@@ -111,19 +111,17 @@ def stack_padded(loadings: list[Tensor], rows: int, width: int) -> Tensor:
     return torch.stack([pad_columns(x, width) for x in loadings])
 
 
-def subspace_coordinates(basis: Tensor, old_coordinates: Tensor, new_factors: list[Tensor]) -> tuple[tuple, Tensor]:
-    """Q = orthonormal span of [basis, every new factor] (d×q), and every style's factor in Q coordinates.
+def subspace_coordinates(basis: Tensor, new_factors: list[Tensor]) -> tuple[tuple, Tensor, list[Tensor]]:
+    """Q = orthonormal span of [basis, every new factor] (d×q); the basis and each new factor in
+    Q coordinates (q×k, q×r_i): Qᵀ[basis, new factors] is the R of the QR.
 
-    old_coordinates (T, k, w) are styles in basis coordinates; new_factors are (d, w_i).
-    Returns Q as Householder reflectors (see in_space) and coordinates (T+n, q, max(w, w_i)):
-    Qᵀ[basis, new factors] is the R of the QR. Cost O(d q²): nothing grows with T·d.
+    Returns Q as Householder reflectors (see in_space). This is the only step at width d, O(d q²):
+    the rest of the merge works in these q coordinates, and nothing grows with T·d.
     """
     reflectors, tau = torch.geqrf(torch.cat([basis, *new_factors], dim=1))
     r = reflectors[: len(tau)].triu()
-    width = max([old_coordinates.shape[-1], *(f.shape[-1] for f in new_factors)])
-    blocks = r.split([basis.shape[1], *(f.shape[1] for f in new_factors)], dim=1)
-    old = pad_columns(blocks[0] @ old_coordinates, width)
-    return (reflectors[:, : len(tau)], tau), torch.cat([old, *(pad_columns(block, width).unsqueeze(0) for block in blocks[1:])])
+    basis_in_q, *new_in_q = r.split([basis.shape[1], *(f.shape[1] for f in new_factors)], dim=1)
+    return (reflectors[:, : len(tau)], tau), basis_in_q, new_in_q
 
 
 def in_space(q: tuple, coordinates: Tensor) -> Tensor:
@@ -247,11 +245,15 @@ def merge_styles(
     The math runs in float64: O(d(k+Σr)²) plus a (k+Σr)×((T+n)·r) SVD.
     """
     f64 = torch.float64
-    old_b, old_a = (pad_columns(f, loadings_b.shape[-1]) for f in canonical_factors(loadings_b.to(f64), loadings_a.to(f64)))
-    new = batched_canonical_factors([(b.to(f64), a.to(f64)) for b, a in new_factors])
+    q_b, basis_in_b, new_b = subspace_coordinates(basis_b.to(f64), [b.to(f64) for b, _ in new_factors])
+    q_a, basis_in_a, new_a = subspace_coordinates(basis_a.to(f64), [a.to(f64) for _, a in new_factors])
+    # canonical factors, of the old styles in basis coordinates and of the new ones in Q coordinates
+    old_b, old_a = canonical_factors(loadings_b.to(f64), loadings_a.to(f64))
+    new = batched_canonical_factors(list(zip(new_b, new_a)))
     ranks = torch.cat([ranks.to(torch.long).cpu(), torch.tensor([b.shape[1] for b, _ in new], dtype=torch.long)])
-    q_b, coordinates_b = subspace_coordinates(basis_b.to(f64), old_b, [b for b, _ in new])
-    q_a, coordinates_a = subspace_coordinates(basis_a.to(f64), old_a, [a for _, a in new])
+    width = max([loadings_b.shape[-1], *ranks.tolist()])
+    coordinates_b = torch.stack([pad_columns(x, width) for x in [*(basis_in_b @ old_b), *(b for b, _ in new)]])
+    coordinates_a = torch.stack([pad_columns(x, width) for x in [*(basis_in_a @ old_a), *(a for _, a in new)]])
     directions_b, directions_a = principal_directions(coordinates_b), principal_directions(coordinates_a)
     beta, alpha = directions_b.mT @ coordinates_b, directions_a.mT @ coordinates_a
     k = basis_rank(beta, alpha, limit=size_limit)

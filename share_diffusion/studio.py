@@ -162,7 +162,8 @@ class Studio:
 
     def info(self) -> dict:
         count = len(self.library.styles)
-        one_lora = estimated_lora_file_bytes(self.library.state) if self.library.state else 0
+        # The fair comparison: each style as a LoRA file of its own rank (fp16), not of rank 16.
+        separate = sum(estimated_lora_file_bytes(self.library.state, rank=r["rank"]) for r in self.library.styles)
         return {
             "path": str(self.path),
             "base_model": self.library.meta["base_model"]["id"],
@@ -173,7 +174,7 @@ class Studio:
             "drift_budget": self.library.meta["share"]["drift_budget"],
             "size_limit": self.library.meta["share"]["max_basis_rank"],
             "bytes_on_disk": self.path.stat().st_size if self.path.exists() else 0,
-            "separate_lora_bytes": one_lora * count,
+            "separate_lora_bytes": separate,
             "library_hash": self.library_hash(),
         }
 

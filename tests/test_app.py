@@ -147,13 +147,43 @@ def test_export_library_and_lora_then_import_them(cb, pipe, tmp_path):
     assert lora.name == "Hatching-kohya-lora.safetensors" and lora.stat().st_size > 0
 
     other = make_callbacks(pipe, tmp_path, "other.safetensors")
-    assert "**Hatching**" in other.import_files([str(exported)], "rename")
-    assert "**Hatching (2)**" in other.import_files([str(exported)], "rename")
-    assert "Nothing imported" in other.import_files([str(exported)], "skip")
-    assert "**Hatching-kohya-lora**" in other.import_files([str(lora)], "rename")
+    assert "**Hatching**" in other.import_files([str(exported)], "rename")[0]
+    assert "**Hatching (2)**" in other.import_files([str(exported)], "rename")[0]
+    assert "Nothing imported" in other.import_files([str(exported)], "skip")[0]
+    assert "**Hatching-kohya-lora**" in other.import_files([str(lora)], "rename")[0]
     assert other.studio.style_names() == ["Hatching", "Hatching (2)", "Hatching-kohya-lora"]
     rows = other.library_rows()
-    assert rows[0][7] == "library library.safetensors" and rows[2][7] == "LoRA Hatching-kohya-lora.safetensors"
+    assert rows[0][8] == "library library.safetensors" and rows[2][8] == "LoRA Hatching-kohya-lora.safetensors"
+    assert rows[2][6] == 4 and rows[2][7].endswith("(1%)")  # its own rank; its ΔW error and budget
+
+
+def test_import_shows_every_styles_drift_before_it_is_confirmed(cb, pipe, tmp_path):
+    """Import first reports what the merge would do, writing nothing; under a size limit that would
+    drift a style past its budget, it says which and by how much, and offers no Confirm."""
+    import torch
+
+    from share_diffusion import share
+    from share_diffusion.lora_interop import export_lora, save_lora
+
+    train(cb, example_files("hatching"), "Hatching")
+    g = torch.Generator().manual_seed(0)
+    factors = {name: (0.05 * torch.randn(layer.base_layer.out_features, 4, generator=g),
+                      0.05 * torch.randn(layer.base_layer.in_features, 4, generator=g))
+               for name, layer in share.share_layers(pipe.unet).items()}
+    lora = save_lora(tmp_path / "Other.safetensors", export_lora(factors))
+    saved = cb.studio.path.read_bytes()
+    report, confirm = cb.check_import([str(lora)], "rename")
+    assert "basis rank k 4 → 8" in report and "Every style stays within its budget" in report
+    assert "| Other | new |" in report and confirm["visible"] is True
+    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["Hatching"]
+
+    assert "size limit 5" in cb.save_drift_settings(1, 5)
+    report, confirm = cb.check_import([str(lora)], "rename")
+    assert "Not possible under the size limit" in report and "**over budget**" in report and confirm["visible"] is False
+    assert cb.studio.path.read_bytes() != saved and cb.studio.style_names() == ["Hatching"]  # only the settings
+    cb.save_drift_settings(1, 0)  # no limit
+    assert "in one merge" in cb.import_files([str(lora)], "rename")[0]
+    assert cb.studio.style_names() == ["Hatching", "Other"]
 
 
 def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):
