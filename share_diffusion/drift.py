@@ -50,18 +50,14 @@ class StyleDrift:
         return self.cut and self.after > self.budget
 
 
-def style_budget(record: dict, meta: dict) -> float:
-    """The style's own budget, else the library's (libraries from before budgets: the default)."""
-    return float(record.get("drift_budget", meta["share"].get("drift_budget", share.DRIFT_BUDGET)))
-
-
-def allowance(record: dict, meta: dict) -> float:
+def allowance(record: dict) -> float:
     """The step error a style may still take: e + s(1 + e) ≤ budget ⇔ s ≤ (budget − e)/(1 + e)."""
     error = record["error"]
-    return max(style_budget(record, meta) - error, 0.0) / (1 + error)
+    return max(record["drift_budget"] - error, 0.0) / (1 + error)
 
 
-def merge_outcome(meta: dict, style_ids: list[str], new_records: list[dict], plan: dict[str, share.Merge]) -> list[StyleDrift]:
+def merge_outcome(meta: dict, style_ids: list[str], new_records: list[dict],
+                  plan: dict[str, share.Merge]) -> list[StyleDrift]:
     """Every style's drift in a planned merge (share.plan_merge). style_ids: the model's styles in
     merge order (the plan's rows), then the new ones, whose records are `new_records`."""
     records = {r["id"]: r for r in [*meta["styles"], *new_records]}
@@ -75,8 +71,8 @@ def merge_outcome(meta: dict, style_ids: list[str], new_records: list[dict], pla
     for i in style_ids:
         record = records[i]
         before = record["error"]
-        exact = record.get("error_exact", True) and not (cut[i] and record.get("cuts", 0) >= 1)
-        outcome.append(StyleDrift(i, record["name"], style_budget(record, meta), before,
+        exact = record["error_exact"] and not (cut[i] and record["cuts"] >= 1)
+        outcome.append(StyleDrift(i, record["name"], record["drift_budget"], before,
                                   before + steps[i] * (1 + before), steps[i], cut[i], exact))
     return outcome
 
@@ -112,7 +108,7 @@ def record_merge(meta: dict, outcome: list[StyleDrift], action: str, style: str,
         record = records[drift.id]
         record["error"] = drift.after
         record["error_exact"] = drift.exact
-        record["cuts"] = record.get("cuts", 0) + drift.cut
+        record["cuts"] += drift.cut
         record["error_history"].append({"merge": number, "step_error": drift.step, "error": drift.after,
                                         "cut": drift.cut})
     meta["merges"].append({"number": number, "action": action, "style": style, "at": at, "basis_rank": basis_rank})

@@ -242,7 +242,8 @@ def merge_styles(
     If that is above size_limit, k is the limit, and each style enters the SVD weighted by
     1/allowance (the step error it may still take, (T+n,)), so the styles with the least room
     keep their directions first; compare step_errors + rounding_errors with the allowances.
-    The math runs in float64: O(d(k+Σr)²) plus a (k+Σr)×((T+n)·r) SVD.
+    The math runs in float64: O(d(k+Σr)²) for the one QR at width d, then only (k+Σr)-sized work
+    (the directions from the eigenvectors of a (k+Σr)×(k+Σr) Gram matrix).
     """
     f64 = torch.float64
     q_b, basis_in_b, new_b = subspace_coordinates(basis_b.to(f64), [b.to(f64) for b, _ in new_factors])

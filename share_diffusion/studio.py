@@ -243,7 +243,7 @@ class Studio:
         ids = share.style_ids(unet) + list(new)
         records = {r["id"]: r for r in [*meta["styles"], *new_records]}
         plan = share.plan_merge(unet, {i: factors for i, (factors, _) in new.items()},
-                                {i: allowance(records[i], meta) for i in ids})
+                                {i: allowance(records[i]) for i in ids})
         outcome = merge_outcome(meta, ids, new_records, plan)
         if refuse:
             check_budgets(outcome, config.max_basis_rank)

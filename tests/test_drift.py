@@ -186,6 +186,11 @@ def test_a_merge_past_the_budget_under_a_size_limit_is_refused_and_writes_nothin
     for name, error in over.items():
         assert f"{name!r} to {100 * error:.3g}%" in message
     assert studio.path.read_bytes() == saved and studio.style_names() == ["lora-2-00", "lora-2-01"]
+    refused = subprocess.run([sys.executable, "-m", "share_diffusion", "import", "--library", str(studio.path), "--model",
+                              MODEL, *map(str, paths[2:])], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
+    assert "error: nothing was merged: under the size limit of 20" in refused.stderr
+    assert studio.path.read_bytes() == saved
 
     studio.configure(size_limit=None)  # no limit: k grows, nothing drifts
     studio.import_files(paths[2:])
