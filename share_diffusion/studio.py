@@ -68,9 +68,9 @@ class MergeReport:
     names: list[str]  # the new styles
     drifts: list[StyleDrift]  # every style's error before and after (drift.py)
     basis_rank_before: int
-    basis_rank_after: int = 0
-    bytes_before: int = 0
-    bytes_after: int = 0
+    basis_rank_after: int
+    bytes_before: int
+    bytes_after: int
 
 
 class _DryRun(Exception):
@@ -249,12 +249,11 @@ class Studio:
             check_budgets(outcome, config.max_basis_rank)
         share.apply_merge(unet, plan, {i: scale for i, (_, scale) in new.items()})
         self.library.styles.extend(new_records)
-        basis_rank = max((layer.basis_a.shape[1] for layer in layers.values()), default=0)
-        record_merge(meta, outcome, action, ",".join(new), basis_rank, utc_now())
+        record_merge(meta, outcome, action, ",".join(new), self._basis_rank(unet), utc_now())
         return outcome
 
-    def _basis_rank(self) -> int:
-        return max((layer.basis_a.shape[1] for layer in share.share_layers(self.pipe.unet).values()), default=0)
+    def _basis_rank(self, unet=None) -> int:
+        return max((layer.basis_a.shape[1] for layer in share.share_layers(unet or self.pipe.unet).values()), default=0)
 
     def _capture(self) -> None:
         self.library.set_component_state("unet", share.share_state_dict(self.pipe.unet))
