@@ -317,7 +317,8 @@ def fit(
         scaler.update()
         lr_schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        if config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps:
+        # The last step too: a merge that is then refused (a drift budget) can be redone with --resume.
+        if step == config.steps or (config.checkpoint_every and step % config.checkpoint_every == 0):
             save_checkpoint(step)
         if accelerator.num_processes > 1:
             loss = accelerator.reduce(loss.to(device), "mean").cpu()
