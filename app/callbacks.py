@@ -439,8 +439,9 @@ class StudioCallbacks:
         return config.steps, config.learning_rate, config.rank
 
     def presets(self) -> dict:
-        """The training presets of the loaded base model's kind."""
-        return presets_for(model_info(self.pipe).kind)
+        """The training presets of the loaded base model's kind and family."""
+        info = model_info(self.pipe)
+        return presets_for(info.kind, info.family)
 
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
@@ -454,6 +455,7 @@ class StudioCallbacks:
         config = training_config(
             preset or "quick",
             studio.model_kind,
+            studio.family,
             steps=_number(steps, int),
             learning_rate=_number(learning_rate, float),
             rank=_number(rank, int),

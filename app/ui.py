@@ -26,7 +26,7 @@ from app.callbacks import (
     StudioCallbacks,
     run_generate,
 )
-from share_diffusion.generation import native_size, resolve_seed
+from share_diffusion.generation import generation_defaults, native_size, resolve_seed
 from share_diffusion.loading import model_info
 from share_diffusion.schedulers import SCHEDULERS, scheduler_name
 from share_diffusion.studio import CLASH_POLICIES, Studio
@@ -70,8 +70,9 @@ def _generate_tab(cb: StudioCallbacks) -> dict:
             with gr.Row():
                 c["random_seed"] = gr.Button("Random seed", size="sm", min_width=100, elem_id="random-seed")
                 c["reuse_seed"] = gr.Button("Reuse used seed", size="sm", min_width=100)
-            c["steps"] = gr.Slider(1, 100, value=20, step=1, label="Steps", elem_id="generate-steps")
-            c["guidance"] = gr.Slider(0.0, 20.0, value=4.0, step=0.5, label="Guidance (CFG scale)")
+            defaults = generation_defaults(pipe)  # the family's
+            c["steps"] = gr.Slider(1, 100, value=defaults.steps, step=1, label="Steps", elem_id="generate-steps")
+            c["guidance"] = gr.Slider(0.0, 20.0, value=defaults.guidance, step=0.5, label="Guidance (CFG scale)")
             c["scheduler"] = gr.Dropdown(
                 choices=list(SCHEDULERS),
                 value=current if current in SCHEDULERS else None,

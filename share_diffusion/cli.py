@@ -89,8 +89,9 @@ def add_generation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--prompt", "-p", required=True, metavar="TEXT", help="text prompt")
     group.add_argument("--negative", "-n", default="", metavar="TEXT", help="negative prompt")
     group.add_argument("--seed", "-s", type=int, default=-1, metavar="S", help="random seed; -1 (default) picks one at random")
-    group.add_argument("--steps", type=int, default=20, metavar="N", help="denoising steps (default 20)")
-    group.add_argument("--guidance", "-g", type=float, default=4.0, metavar="G", help="classifier-free guidance scale (default 4.0)")
+    group.add_argument("--steps", type=int, default=None, metavar="N", help="denoising steps (default 20; SDXL 30)")
+    group.add_argument("--guidance", "-g", type=float, default=None, metavar="G",
+                       help="classifier-free guidance scale (default 4.0; SDXL 5.0)")
     group.add_argument("--width", "-W", type=int, default=None, metavar="W", help="image width (default: the model's native size)")
     group.add_argument("--height", "-H", type=int, default=None, metavar="H", help="image height (default: the model's native size)")
     group.add_argument(
@@ -129,7 +130,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise CommandError(f"--out is a folder: {args.out!r}; give a file name like {out / 'image.png'}")
 
-    from .generation import generate_images, resolve_seed
+    from .generation import generate_images, generation_defaults, resolve_seed
     from .png_metadata import numbered_output_paths, save_generated
     from .schedulers import canonical_scheduler_name
 
@@ -140,7 +141,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError("--style and --mix need --library")
     pipe = load_model_from_args(args)
     seed = resolve_seed(args.seed)
-    options = dict(negative_prompt=args.negative, seed=seed, steps=args.steps, guidance=args.guidance)
+    defaults = generation_defaults(pipe)  # the family's, recorded in the PNG too
+    options = dict(negative_prompt=args.negative, seed=seed, steps=defaults.steps if args.steps is None else args.steps,
+                   guidance=defaults.guidance if args.guidance is None else args.guidance)
     extra = {}
     if args.style or mix:
         studio = open_studio(args, pipe)
@@ -296,7 +299,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ShareStudioError(f"a training of {args.name!r} was interrupted at step {interrupted}: "
                                "add --resume to continue it, or --restart to start over")
     config = training_config(
-        args.preset, studio.model_kind, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
+        args.preset, studio.model_kind, studio.family, steps=args.steps, learning_rate=args.learning_rate, rank=args.rank,
         batch_size=args.batch_size, seed=args.seed, mixed_precision=args.mixed_precision,
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         strength_previews=args.strength_previews, gradient_accumulation=args.gradient_accumulation,

@@ -24,7 +24,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError, ShareStudioError
+from .errors import ModelLoadError
 
 SD1, SD2, SDXL = "sd1", "sd2", "sdxl"
 V_SUFFIX = "-v"
@@ -34,8 +34,6 @@ _ARCH_LABELS = {SD1: "SD 1.x", SD2: "SD 2.x", SDXL: "SDXL"}
 #: The shipped config folder (model_configs.CONFIG_NAMES) for each family.
 DEFAULT_CONFIGS = {SD1: "sd15", SD1 + V_SUFFIX: "sd15", SD2: "sd2-base", SD2 + V_SUFFIX: "sd21-v",
                    SDXL: "sdxl-base", SDXL + V_SUFFIX: "sdxl-base"}
-#: Families whose generation and training the rest of Share Studio drives today.
-DRIVABLE_ARCHITECTURES = (SD1, SD2)
 
 #: Cross-attention widths of the real models.
 _CROSS_ATTENTION = {768: SD1, 1024: SD2, 2048: SDXL}
@@ -44,10 +42,6 @@ SD2_V_STATISTIC_KEY = "model.diffusion_model.output_blocks.11.1.transformer_bloc
 SD2_V_STATISTIC_THRESHOLD = 0.09
 #: diffusers' rule: an SD 2.x checkpoint saved at this step is SD 2.0 base (epsilon).
 SD2_BASE_GLOBAL_STEP = 875000
-
-
-class UnsupportedModelError(ShareStudioError):
-    """A model family that this part of Share Studio cannot drive yet."""
 
 
 def family_id(architecture: str, v_prediction: bool) -> str:
@@ -130,22 +124,6 @@ def family_of_pipeline(pipe) -> str:
         dict(text_encoder.config.to_dict()) if text_encoder is not None else None,
         dual_text_encoders=getattr(pipe, "text_encoder_2", None) is not None,
     )
-
-
-def require_drivable(pipe_or_family, what: str) -> None:
-    """Raise :class:`UnsupportedModelError` when ``what`` ("training", "generation") cannot drive this family yet."""
-    family = pipe_or_family if isinstance(pipe_or_family, str) else _loaded_family(pipe_or_family)
-    if architecture(family) == SDXL:
-        raise UnsupportedModelError(
-            f"SDXL {what} is not supported yet (the model loads and is recognised as {label(family)}; SDXL training "
-            "and generation are still to come): use an SD 1.x or SD 2.x model"
-        )
-
-
-def _loaded_family(pipe) -> str:
-    info = getattr(pipe, "share_info", None)
-    family = getattr(info, "family", None)
-    return family if known(family) else family_of_pipeline(pipe)
 
 
 # ------------------------------------------------------------------------------ from a checkpoint

@@ -11,12 +11,13 @@ import math
 import secrets
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
 from .errors import GenerationError
-from .families import require_drivable
+from .families import SD1, SD2, SDXL, architecture, family_of_pipeline
 from .schedulers import canonical_scheduler_name, set_scheduler
 
 #: Largest seed accepted (torch generators take 64-bit seeds; random seeds stay 32-bit like A1111).
@@ -26,6 +27,27 @@ RANDOM_SEED_BITS = 32
 # One pipeline call at a time per process: generation swaps the scheduler temporarily and
 # later features (style adapters) mutate the pipeline too.  Reentrant so helpers can nest.
 PIPELINE_LOCK = threading.RLock()
+
+
+@dataclass(frozen=True)
+class GenerationDefaults:
+    steps: int
+    guidance: float
+
+
+#: Steps and CFG scale when none are given, per family (the size is always the model's native one).
+#: SD 1.x/2.x keep the values the product has always used (and the embedded model was tuned with);
+#: SDXL gets diffusers' StableDiffusionXLPipeline guidance (5.0) and 30 steps.
+GENERATION_DEFAULTS = {
+    SD1: GenerationDefaults(steps=20, guidance=4.0),
+    SD2: GenerationDefaults(steps=20, guidance=4.0),
+    SDXL: GenerationDefaults(steps=30, guidance=5.0),
+}
+
+
+def generation_defaults(pipe) -> GenerationDefaults:
+    """The default steps and CFG scale of the pipeline's family."""
+    return GENERATION_DEFAULTS.get(architecture(family_of_pipeline(pipe)), GENERATION_DEFAULTS[SD1])
 
 
 def native_size(pipe) -> tuple[int, int]:
@@ -65,8 +87,8 @@ def generate_images(
     prompt: str,
     negative_prompt: str = "",
     seed: int = 0,
-    steps: int = 20,
-    guidance: float = 4.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     width: int | None = None,
     height: int | None = None,
     num_images: int = 1,
@@ -78,14 +100,18 @@ def generate_images(
 
     Image ``i`` uses seed ``seed + i`` (its own CPU ``torch.Generator``), so image 2 of a batch equals a
     single image generated with ``seed + 2``.  ``width``/``height`` default to :func:`native_size`
-    and must be multiples of the VAE scale factor.  ``scheduler`` (a :data:`SCHEDULERS` name) is used for
-    this call only.  ``progress(step, total)`` is called after each denoising step.
+    and must be multiples of the VAE scale factor; ``steps`` and ``guidance`` to the family's
+    :func:`generation_defaults`.  ``scheduler`` (a :data:`SCHEDULERS` name) is used for this call
+    only.  ``progress(step, total)`` is called after each denoising step.  SD 1.x/2.x and SDXL
+    pipelines are driven alike: the active Share styles act on the whole classifier-free-guidance
+    batch, as a LoRA's weights do.
     """
-    require_drivable(pipe, "generation")  # SDXL loads, but is not driven yet
     if not isinstance(prompt, str):
         raise GenerationError("prompt must be text")
     seed = _check_seed(seed)
-    steps = _check_int("steps", steps, 1, 1000)
+    defaults = generation_defaults(pipe)
+    steps = _check_int("steps", defaults.steps if steps is None else steps, 1, 1000)
+    guidance = defaults.guidance if guidance is None else guidance
     num_images = _check_int("number of images", num_images, 1, 64)
     if seed + num_images - 1 > MAX_SEED:
         raise GenerationError(f"seed too large for {num_images} images")

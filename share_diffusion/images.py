@@ -1,10 +1,16 @@
-"""Training-image intake: turn the files a user drops in into square RGB training images.
+"""Training-image intake: turn the files a user drops in into RGB training images.
 
     images = load_training_images(["my_style/", "extra.png"], resolution=512).require_some()
     for item in images.images:
         item.image    # PIL RGB, 512×512
         item.source   # Path of the file it came from
         item.caption  # text of my_style/<stem>.txt (kohya_ss style), or None
+
+    buckets = AspectBuckets.around(512, step=64)   # aspect-ratio bucketing (kohya's enable_bucket)
+    images = load_training_images(["my_style/"], resolution=512, buckets=buckets)
+    item.image.size        # the bucket nearest the file's aspect ratio, e.g. (448, 576)
+    item.original_size     # (height, width) of the file's image, for SDXL's size conditioning
+    item.crop_top_left     # (top, left) of the crop in the resized image, for SDXL's crop conditioning
 
 What users of kohya_ss / A1111 can expect:
 
@@ -23,9 +29,12 @@ What users of kohya_ss / A1111 can expect:
   colour) are composited on white. 16-bit images (I;16) map 0..65535 onto 0..255 by scaling;
   Pillow's own convert would clip everything above 255 to white. Animated GIF/APNG/WebP and
   multi-page TIFF use the first frame.
-* Cropping: the shorter side is resized to ``resolution`` with LANCZOS and the longer side is
-  centre-cropped (done in one ``resize(box=...)`` so the crop is exactly centred, without
-  rounding an intermediate size).
+* Cropping: without ``buckets``, the shorter side is resized to ``resolution`` with LANCZOS and
+  the longer side is centre-cropped (done in one ``resize(box=...)`` so the crop is exactly
+  centred, without rounding an intermediate size). With ``buckets`` (:class:`AspectBuckets`),
+  each image goes to the bucket nearest its aspect ratio and is resized to cover it, the small
+  excess centre-cropped, by the same single resample; a square image lands in the
+  ``resolution``×``resolution`` bucket and comes out bit for bit as without buckets.
 * Duplicates: a file whose bytes equal an already accepted file is rejected as a duplicate,
   and the same path given twice (e.g. a folder and a file inside it) is used once.
 
@@ -55,6 +64,7 @@ Size limits (both checked from the header, before any pixel is decoded):
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -72,6 +82,7 @@ _FORMATS_TEXT = "PNG, JPEG, WebP, BMP, GIF or TIFF"
 _WHITE = (255, 255, 255)
 
 __all__ = [
+    "AspectBuckets",
     "CAPTION_EXTENSION",
     "DEFAULT_MAX_PIXELS",
     "IMAGE_EXTENSIONS",
@@ -85,9 +96,55 @@ __all__ = [
 
 @dataclass(frozen=True)
 class TrainingImage:
-    image: Image.Image  # RGB, resolution × resolution
+    image: Image.Image  # RGB, resolution × resolution, or its bucket's size
     source: Path
     caption: str | None  # from <stem>.txt beside the source; None when absent or empty
+    # Where the pixels came from, in SDXL's conditioning order (height, width) and (top, left):
+    original_size: tuple[int, int] | None = None  # the file's image before resizing; None: the image's own size
+    resized_size: tuple[int, int] | None = None  # what it was resized to before the crop; None: the image's own
+    crop_top_left: tuple[int, int] = (0, 0)  # the crop's corner in the resized image
+
+    def size_and_crop(self, mirrored: bool = False) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(original (height, width), crop (top, left)); for the mirror image, the crop as seen in the
+        mirrored resized image, so that the left offset counts from the other side."""
+        width, height = self.image.size
+        original = self.original_size or (height, width)
+        top, left = self.crop_top_left
+        if mirrored:
+            left = (self.resized_size or (height, width))[1] - width - left
+        return original, (top, left)
+
+
+@dataclass(frozen=True)
+class AspectBuckets:
+    """Training sizes (width, height) of about ``resolution``² pixels, at ``step``-px steps.
+
+    kohya sd-scripts' bucketing (``make_bucket_resolutions``): every width from about
+    ``resolution``/2 to 2·``resolution`` in steps of ``step``, each with the largest height that
+    keeps the area at most ``resolution``², and their transposes; aspect ratios up to 4:1. The
+    square ``resolution``×``resolution`` bucket is always there.
+    """
+
+    resolution: int
+    step: int
+    sizes: tuple[tuple[int, int], ...]
+
+    @classmethod
+    def around(cls, resolution: int, step: int) -> AspectBuckets:
+        if resolution < 1 or step < 1:
+            raise ValueError(f"resolution and step must be positive, got {resolution} and {step}")
+        area, low, high = resolution * resolution, max(step, resolution // 2 // step * step), 2 * resolution
+        sizes = {(resolution, resolution)}
+        for width in range(low, high + 1, step):
+            height = min(high, area // width // step * step)
+            if height >= low:
+                sizes |= {(width, height), (height, width)}
+        return cls(resolution, step, tuple(sorted(sizes)))
+
+    def nearest(self, width: int, height: int) -> tuple[int, int]:
+        """The bucket whose aspect ratio is nearest (in log ratio) to width:height."""
+        ratio = math.log(width / height)
+        return min(self.sizes, key=lambda size: (abs(math.log(size[0] / size[1]) - ratio), -size[0] * size[1]))
 
 
 @dataclass(frozen=True)
@@ -130,8 +187,10 @@ def load_training_images(
     resolution: int,
     min_side: int | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    buckets: AspectBuckets | None = None,
 ) -> ImageSet:
-    """Load files and folders as resolution×resolution RGB training images; never raises for a bad file.
+    """Load files and folders as resolution×resolution RGB training images, or each at the size of its
+    aspect-ratio bucket when ``buckets`` are given; never raises for a bad file.
 
     A single path is accepted as well as a list. min_side defaults to resolution // 2.
     Raises ValueError/TypeError only for invalid arguments.
@@ -152,7 +211,7 @@ def load_training_images(
     accepted_by_digest: dict[str, Path] = {}
     for path in candidates:
         try:
-            outcome = _load_one(path, resolution, min_side, max_pixels, accepted_by_digest)
+            outcome = _load_one(path, resolution, min_side, max_pixels, accepted_by_digest, buckets)
         except Exception as e:  # safety net: a bad file must never stop the others
             outcome = Rejected(path, f"could not be loaded ({type(e).__name__}: {e})")
         if isinstance(outcome, Rejected):
@@ -223,7 +282,8 @@ class _Reject(Exception):
 
 
 def _load_one(
-    path: Path, resolution: int, min_side: int, max_pixels: int, accepted_by_digest: dict[str, Path]
+    path: Path, resolution: int, min_side: int, max_pixels: int, accepted_by_digest: dict[str, Path],
+    buckets: AspectBuckets | None = None,
 ) -> TrainingImage | Rejected:
     try:
         if path.suffix.lower() not in IMAGE_EXTENSIONS:
@@ -239,7 +299,7 @@ def _load_one(
             raise _Reject(f"could not read the file ({e.strerror or e})") from None
         if empty:
             raise _Reject("empty file (0 bytes)")
-        image = _decode_square(path, resolution, min_side, max_pixels)
+        image, original_size, resized_size, crop_top_left = _decode_fitted(path, resolution, min_side, max_pixels, buckets)
         caption = _read_caption(path)
         # Hashed only once it decodes, so a huge non-image is rejected without reading it all.
         try:
@@ -252,18 +312,22 @@ def _load_one(
     except _Reject as r:
         return Rejected(path, str(r))
     accepted_by_digest[digest] = path
-    return TrainingImage(image=image, source=path, caption=caption)
+    return TrainingImage(image, path, caption, original_size, resized_size, crop_top_left)
 
 
-def _decode_square(path: Path, resolution: int, min_side: int, max_pixels: int) -> Image.Image:
+_Fitted = tuple[Image.Image, tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _decode_fitted(path: Path, resolution: int, min_side: int, max_pixels: int, buckets: AspectBuckets | None) -> _Fitted:
+    """(image at its training size, original (height, width), resized (height, width), crop (top, left))."""
     # Pillow warns about corrupt metadata in user files (and DecompressionBombWarning, where
     # max_pixels is the limit that applies); the outcome is reported as accept/reject instead.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return _decode_square_quietly(path, resolution, min_side, max_pixels)
+        return _decode_fitted_quietly(path, resolution, min_side, max_pixels, buckets)
 
 
-def _decode_square_quietly(path: Path, resolution: int, min_side: int, max_pixels: int) -> Image.Image:
+def _decode_fitted_quietly(path: Path, resolution: int, min_side: int, max_pixels: int, buckets: AspectBuckets | None) -> _Fitted:
     try:
         im = Image.open(path, formats=_PILLOW_FORMATS)
     except Image.DecompressionBombError:
@@ -300,7 +364,10 @@ def _decode_square_quietly(path: Path, resolution: int, min_side: int, max_pixel
             rgb = _to_rgb(im)
         except ValueError as e:
             raise _Reject(f"unsupported colour mode {im.mode} ({e})") from None
-        return _centre_square(rgb, resolution)  # inside `with`: rgb may still be im itself
+        # inside `with`: rgb may still be im itself
+        size = buckets.nearest(*rgb.size) if buckets else (resolution, resolution)
+        image, resized_size, crop_top_left = _cover_and_crop(rgb, size)
+        return image, (rgb.height, rgb.width), resized_size, crop_top_left
 
 
 def _describe(e: Exception) -> str:
@@ -351,14 +418,22 @@ def _gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     return np.clip(np.rint((a - offset) * scale), 0, 255).astype(np.uint8)
 
 
-def _centre_square(im: Image.Image, resolution: int) -> Image.Image:
-    """Shorter side -> resolution (LANCZOS), longer side centre-cropped, as one resample."""
+def _cover_and_crop(im: Image.Image, size: tuple[int, int]) -> tuple[Image.Image, tuple[int, int], tuple[int, int]]:
+    """Resize to cover ``size`` (width, height) and centre-crop the excess, as one LANCZOS resample.
+
+    Returns the image, the size it was resized to before the crop (height, width) and the crop's
+    top-left corner in it (top, left), rounded to whole pixels.
+    """
     width, height = im.size
-    side = min(width, height)
-    left, top = (width - side) / 2, (height - side) / 2
-    return im.resize(
-        (resolution, resolution), Image.Resampling.LANCZOS, box=(left, top, left + side, top + side)
-    )
+    bucket_width, bucket_height = size
+    if width * bucket_height > height * bucket_width:  # wider than the bucket: full height, crop the sides
+        box_width, box_height = height * bucket_width / bucket_height, height
+    else:  # full width, crop top and bottom
+        box_width, box_height = width, width * bucket_height / bucket_width
+    left, top = (width - box_width) / 2, (height - box_height) / 2
+    image = im.resize(size, Image.Resampling.LANCZOS, box=(left, top, left + box_width, top + box_height))
+    scale = bucket_width / box_width
+    return image, (round(height * scale), round(width * scale)), (round(top * scale), round(left * scale))
 
 
 def _read_caption(image_path: Path) -> str | None:

@@ -31,9 +31,11 @@ worst a stray ``.tmp`` file and never a torn cache file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ShareStudioError, first_line
+from .families import SDXL, architecture, family_of_pipeline
+from .generation import PIPELINE_LOCK
 from .images import ImageSet, TrainingImage
 
 #: Changes whenever what a cache file holds, or how its key is made, changes.
@@ -79,18 +83,38 @@ def latent_key(image: TrainingImage, vae_id: str, vae_dtype: torch.dtype) -> str
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def encoding_vae(pipe) -> Iterator[torch.nn.Module]:
+    """The pipeline's VAE, in float32 while it is used when it is an fp16 SDXL VAE with
+    ``force_upcast``: that VAE overflows to NaN in fp16, which is why ``StableDiffusionXLPipeline``
+    upcasts it to decode (and kohya has ``--no_half_vae``). It is the pipeline's own VAE, so this
+    holds generation's lock; fp16 → fp32 → fp16 gives the same weights back exactly."""
+    vae = pipe.vae
+    if not (vae.dtype == torch.float16 and vae.config.get("force_upcast", False)
+            and architecture(family_of_pipeline(pipe)) == SDXL):  # fmt: skip
+        yield vae
+        return
+    with PIPELINE_LOCK:
+        vae.to(torch.float32)
+        try:
+            yield vae
+        finally:
+            vae.to(torch.float16)
+
+
 @torch.no_grad()
 def encode_images(pipe: StableDiffusionPipeline, images: ImageSet, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Latent posterior mean and std of every image, `batch_size` images at a time so that the VAE's
-    peak memory does not grow with the training set."""
+    """Latent posterior mean and std of every image (all of one size), `batch_size` images at a time so
+    that the VAE's peak memory does not grow with the training set."""
     means, stds = [], []
-    for start in range(0, len(images.images), batch_size):
-        chunk = images.images[start : start + batch_size]
-        pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in chunk])
-        pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, pipe.vae.dtype)
-        posterior = pipe.vae.encode(pixels).latent_dist
-        means.append(posterior.mean.float().cpu())
-        stds.append(posterior.std.float().cpu())
+    with encoding_vae(pipe) as vae:
+        for start in range(0, len(images.images), batch_size):
+            chunk = images.images[start : start + batch_size]
+            pixels = torch.stack([torch.from_numpy(np.asarray(i.image, dtype=np.float32)) for i in chunk])
+            pixels = (pixels.permute(0, 3, 1, 2) / 127.5 - 1).to(pipe.device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            means.append(posterior.mean.float().cpu())
+            stds.append(posterior.std.float().cpu())
     return torch.cat(means), torch.cat(stds)
 
 

@@ -41,11 +41,12 @@ from .devices import distributed_state
 from .lora_interop import export_lora, read_lora, save_lora
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
-from .families import require_drivable
 from .library import check_family
 from .loading import model_info
+from .latent_cache import encoding_vae
 from .style_measure import Estimate, StyleMeasure, vae_round_trip
-from .training import TrainingConfig, TrainingProgress, train_style, training_config, training_unet, with_trigger
+from .training import (TrainingConfig, TrainingProgress, aspect_buckets, train_style, training_config, training_unet,
+                       with_trigger)
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
 CLASH_POLICIES = ("rename", "replace", "skip", "error")
@@ -281,12 +282,11 @@ class Studio:
         the same settings and images (else discarded). Under `accelerate launch`, every process
         trains its share of each batch and only the main one writes the library.
         """
-        require_drivable(self.pipe, "training")  # SDXL loads, but is not trained yet
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
-        config = config or training_config(preset, self.model_kind)
-        resolution = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
-        image_set = load_training_images(images, resolution)
+        config = config or training_config(preset, self.model_kind, self.family)
+        buckets = aspect_buckets(self.pipe)  # each image in the bucket of its aspect ratio
+        image_set = load_training_images(images, buckets.resolution, buckets=buckets)
         image_set.require_some()
         checkpoint = self._checkpoint(name, image_set, trigger, config, resume)
         resumed_from = checkpoint.saved_step() if checkpoint.exists() else None
@@ -356,7 +356,9 @@ class Studio:
         base = [self.generate(c, seed=i)[0][0] for i, c in enumerate(captions)]
         size = styled[0].size
         own = np.stack([np.asarray(i.image.convert("RGB").resize(size), dtype=np.float32) / 255 for i in images])
-        return StyleMeasure(base, vae_round_trip(self.pipe.vae, own)).strength(styled)
+        with encoding_vae(self.pipe) as vae:
+            references = vae_round_trip(vae, own)
+        return StyleMeasure(base, references).strength(styled)
 
     def import_files(self, paths: list, on_clash: str = "rename") -> list[str]:
         """Merge style libraries and standard LoRA files into this library, all in one merge (one SVD

@@ -26,8 +26,10 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
 
 from .checkpoints import TrainingCheckpoint, TrainingState
+from .conditioning import UNetConditioning, unet_conditioning
 from .errors import ShareStudioError
-from .images import ImageSet
+from .families import SDXL, architecture
+from .images import AspectBuckets, ImageSet
 from .latent_cache import encode_images_cached
 from .share import begin_style_training, share_layers
 
@@ -80,9 +82,12 @@ class TrainingConfig:
 #   embedded    the 64-px model in assets/: learns a procedural style in a few CPU minutes; its learning
 #               rate was swept on the tuning styles only (benchmarks/results/learning_rates.md), and it
 #               was pretrained with noise offset 0.1, so it trains with the same.
-#   checkpoint  real SD checkpoints: the learning rate, rank and batch of kohya sd-scripts' and the
-#               diffusers LoRA script's defaults, noise offset 0 (they were not trained with one). Not
-#               measured here: no real weights can be fetched on our machines.
+#   checkpoint  real SD 1.x/2.x checkpoints: the learning rate, rank and batch of kohya sd-scripts' and
+#               the diffusers LoRA script's defaults, noise offset 0 (they were not trained with one).
+#   sdxl        real SDXL checkpoints, at 1024 px: kohya sd-scripts' usual SDXL LoRA settings (U-Net
+#               learning rate 1e-4, batch 1, gradient checkpointing; the diffusers SDXL LoRA script's
+#               defaults agree), with twice the steps of the SD 1.x batch-4 preset.
+#   Neither checkpoint set is measured here: no real weights can be fetched on our machines.
 PRESETS = {
     "embedded": {
         "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, batch_size=8),
@@ -92,19 +97,29 @@ PRESETS = {
         "quick": TrainingConfig(steps=500, learning_rate=1e-4, rank=4, batch_size=4, noise_offset=0.0),
         "quality": TrainingConfig(steps=1500, learning_rate=1e-4, rank=8, batch_size=4, noise_offset=0.0),
     },
+    "sdxl": {
+        "quick": TrainingConfig(steps=1000, learning_rate=1e-4, rank=4, batch_size=1, noise_offset=0.0,
+                                gradient_checkpointing=True),
+        "quality": TrainingConfig(steps=3000, learning_rate=1e-4, rank=8, batch_size=1, noise_offset=0.0,
+                                  gradient_checkpointing=True),
+    },
 }
 PRESET_NAMES = ("quick", "quality")
 
 
-def presets_for(model_kind: str) -> dict[str, TrainingConfig]:
-    """The presets of a base model kind (loading.ModelInfo.kind): the embedded model's, or real checkpoints'."""
-    return PRESETS["embedded" if model_kind == "embedded" else "checkpoint"]
+def presets_for(model_kind: str, family: str | None = None) -> dict[str, TrainingConfig]:
+    """The presets of a base model (loading.ModelInfo's kind and family): the embedded model's, SDXL
+    checkpoints', or SD 1.x/2.x checkpoints'."""
+    if model_kind == "embedded":
+        return PRESETS["embedded"]
+    return PRESETS["sdxl" if architecture(family) == SDXL else "checkpoint"]
 
 
-def training_config(preset: str = "quick", model_kind: str = "embedded", **overrides) -> TrainingConfig:
+def training_config(preset: str = "quick", model_kind: str = "embedded", family: str | None = None,
+                    **overrides) -> TrainingConfig:  # fmt: skip
     if preset not in PRESET_NAMES:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESET_NAMES)}")
-    return replace(presets_for(model_kind)[preset], **{k: v for k, v in overrides.items() if v is not None})
+    return replace(presets_for(model_kind, family)[preset], **{k: v for k, v in overrides.items() if v is not None})
 
 
 @dataclass
@@ -171,11 +186,13 @@ def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
 
 
 class StyleBatches:
-    """Random training batches of one style's images: (noisy latents, timesteps, text context, target).
+    """Random training batches of one style's images: (noisy latents, timesteps, conditioning, target).
 
     Every process draws the same global batch of `batch_size` from the same seed and keeps its own
     slice of it, so that the processes of a multi-GPU run see different images and, with their
-    gradients averaged, learn what one process learns from the whole batch.
+    gradients averaged, learn what one process learns from the whole batch. A batch comes from one
+    aspect-ratio bucket (images of one size), drawn in proportion to its images; with a single
+    bucket no bucket is drawn, so the random draws are those of a square-only training.
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, config: TrainingConfig,
@@ -185,32 +202,73 @@ class StyleBatches:
         self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
         share = config.batch_size // ranks
         self.mine = slice(rank * share, (rank + 1) * share)
-        self.means, self.stds = encode_images_cached(pipe, images, Path(config.latent_cache) if config.latent_cache else None)
-        self.captions = training_captions(images, trigger)
+        cache = Path(config.latent_cache) if config.latent_cache else None
+        self.buckets = [ImageBucket.encoded(pipe, bucket, trigger, cache) for bucket in by_size(images)]
+        counts = np.array([len(bucket.images) for bucket in self.buckets], dtype=float)
+        self.bucket_weights = counts / counts.sum()
+        self.conditioning = unet_conditioning(pipe)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     @torch.no_grad()
-    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def next(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, UNetConditioning, torch.Tensor]:
         config, rng, generator, pipe, mine = self.config, self.rng, self.generator, self.pipe, self.mine
-        index = rng.integers(0, len(self.captions), size=config.batch_size)
-        means, stds = self.means[index], self.stds[index]
+        bucket = self.buckets[rng.choice(len(self.buckets), p=self.bucket_weights) if len(self.buckets) > 1 else 0]
+        index = rng.integers(0, len(bucket.captions), size=config.batch_size)
+        means, stds = bucket.means[index], bucket.stds[index]
         latents = (means + stds * torch.randn(means.shape, generator=generator)) * pipe.vae.config.scaling_factor
         flip = torch.from_numpy(rng.random(config.batch_size) < 0.5) & config.flip
         latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-        texts = [self.trigger if rng.random() < config.caption_dropout else self.captions[i] for i in index]
+        texts = [self.trigger if rng.random() < config.caption_dropout else bucket.captions[i] for i in index]
         noise = sample_noise(latents.shape, config.noise_offset, generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         latents, noise, timesteps = latents[mine], noise[mine], timesteps[mine]
-        ids = pipe.tokenizer(
-            texts[mine], padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        context = pipe.text_encoder(ids.to(pipe.text_encoder.device))[0].to(device)
+        conditioning = self.conditioning(texts[mine], [bucket.images[i] for i in index[mine]], flip[mine].tolist(), device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        return noisy.to(device), timesteps.to(device), context, target.to(device)
+        return noisy.to(device), timesteps.to(device), conditioning, target.to(device)
+
+
+@dataclass
+class ImageBucket:
+    """The training images of one size, their captions and their latents' posterior mean and std."""
+
+    images: list
+    captions: list[str]
+    means: torch.Tensor
+    stds: torch.Tensor
+
+    @classmethod
+    def encoded(cls, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, cache: Path | None) -> ImageBucket:
+        means, stds = encode_images_cached(pipe, images, cache)
+        return cls(images.images, training_captions(images, trigger), means, stds)
+
+
+def by_size(images: ImageSet) -> list[ImageSet]:
+    """The images grouped by size (one group per aspect-ratio bucket), in order of first appearance."""
+    groups: dict[tuple[int, int], ImageSet] = {}
+    for image in images.images:
+        groups.setdefault(image.image.size, ImageSet()).images.append(image)
+    return list(groups.values())
+
+
+def aspect_buckets(pipe) -> AspectBuckets:
+    """The training buckets of a model: about its native resolution² pixels, at 64-px steps.
+
+    The step is 64 px (kohya's ``bucket_reso_steps``) where the native resolution is 512 px or
+    more; smaller models get resolution/8, never finer than one latent cell of the UNet's deepest
+    level (the VAE's and the UNet's downsampling together), so every bucket stays a size it can take.
+    """
+    resolution = native_resolution(pipe)
+    cell = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    return AspectBuckets.around(resolution, cell * max(1, min(64, resolution // 8) // cell))
+
+
+def native_resolution(pipe) -> int:
+    """The side of the square images the model was trained at."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 
 def train_style(
@@ -295,11 +353,11 @@ def fit(
             raise TrainingCancelled(f"training cancelled at step {step - 1} of {config.steps}; the library is unchanged.{resumable}")
         loss = torch.zeros(())
         for micro_step in range(config.gradient_accumulation):
-            noisy, timesteps, context, target = batches.next(device)
+            noisy, timesteps, conditioning, target = batches.next(device)
             synchronise = micro_step == config.gradient_accumulation - 1
             with contextlib.nullcontext() if synchronise else accelerator.no_sync(unet):
                 with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
-                    prediction = unet(noisy.to(model_dtype), timesteps, encoder_hidden_states=context.to(model_dtype)).sample
+                    prediction = unet(noisy.to(model_dtype), timesteps, **conditioning.kwargs(model_dtype)).sample
                 errors = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
                 if config.min_snr_gamma:
                     errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
@@ -376,7 +434,7 @@ def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig)
 def preview_images(pipe: StableDiffusionPipeline, unet: torch.nn.Module, prompt: str, seed: int = 0) -> list:
     # Its own scheduler: the pipeline's may be stepping a user's generation at the same time.
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    preview_pipe = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "scheduler": scheduler})
+    preview_pipe = type(pipe)(**{**pipe.components, "unet": unet, "scheduler": scheduler})
     preview_pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     return preview_pipe(prompt, num_inference_steps=15, guidance_scale=4.0, generator=generator).images

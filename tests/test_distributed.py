@@ -38,8 +38,12 @@ def test_each_process_keeps_its_own_slice_of_the_same_global_batch(tiny_pipe, tm
         batches = StyleBatches(tiny_pipe, images, "x", config, np.random.default_rng(0), torch.Generator().manual_seed(0), rank, ranks)
         return batches.next(torch.device("cpu"))
 
-    whole = first_batch(0, 1)
-    halves = [first_batch(rank, 2) for rank in (0, 1)]
+    def tensors(batch):  # noisy latents, timesteps, text context, target
+        noisy, timesteps, conditioning, target = batch
+        return noisy, timesteps, conditioning.encoder_hidden_states, target
+
+    whole = tensors(first_batch(0, 1))
+    halves = [tensors(first_batch(rank, 2)) for rank in (0, 1)]
     for part, (first, second) in enumerate(zip(*halves)):
         torch.testing.assert_close(torch.cat([first, second]), whole[part])  # together they make the batch
     noisy, timesteps = [half[0] for half in halves], [half[1] for half in halves]

@@ -14,7 +14,7 @@ import torch
 from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from safetensors.torch import save_file
 
-from share_diffusion import families, generation, loading, model_configs
+from share_diffusion import families, loading, model_configs
 from share_diffusion.errors import ModelLoadError
 from tests.tiny_families import build_tiny_sd2_pipeline, build_tiny_sdxl_pipeline, ldm_state_dict
 
@@ -207,25 +207,6 @@ def test_missing_clip_bpe_file_is_one_clear_line(monkeypatch, tmp_path):
     assert "clip-bpe" in str(err.value) and "\n" not in str(err.value)
 
 
-# ------------------------------------------------------------------------------ what cannot run yet
-def test_sdxl_generation_is_refused_with_one_clear_line(family_models, offline):
-    pipe = loading.load_pipeline(str(family_models["sdxl"][0]), device="cpu", progress=False)
-    with pytest.raises(families.UnsupportedModelError) as err:
-        generation.generate_images(pipe, "a red circle", steps=1)
-    assert str(err.value).startswith("SDXL generation is not supported yet") and "\n" not in str(err.value)
-
-
-def test_sdxl_training_is_refused_with_one_clear_line(family_models, offline, tmp_path):
-    from share_diffusion.studio import Studio
-
-    pipe = loading.load_pipeline(str(family_models["sdxl"][0]), device="cpu", progress=False)
-    studio = Studio(pipe, tmp_path / "library.safetensors", model_id="tiny-sdxl")
-    with pytest.raises(families.UnsupportedModelError) as err:
-        studio.train([str(tmp_path)], "Ink")
-    assert str(err.value).startswith("SDXL training is not supported yet") and "\n" not in str(err.value)
-    assert not (tmp_path / "library.safetensors").exists()
-
-
 # ------------------------------------------------------------------------------ libraries and display
 def _save_library(path, family, fingerprint, model_id="tiny-sd"):
     from share_diffusion.library import StyleLibrary, new_metadata
@@ -244,11 +225,17 @@ def _list_json(path, capsys) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_new_library_records_the_model_family_and_list_json_shows_it(tiny_pipe, tmp_path, capsys):
+@pytest.fixture
+def sd1_pipe(tiny_pipeline_dir):
+    """A tiny SD 1.x pipeline of this test's own: a Studio puts Share layers into it (conftest's tiny_pipe is read-only)."""
+    return loading.load_pipeline(str(tiny_pipeline_dir), device="cpu", progress=False)
+
+
+def test_new_library_records_the_model_family_and_list_json_shows_it(sd1_pipe, tmp_path, capsys):
     from share_diffusion.studio import Studio
 
     path = tmp_path / "library.safetensors"
-    studio = Studio(tiny_pipe, path, model_id="tiny-sd")
+    studio = Studio(sd1_pipe, path, model_id="tiny-sd")
     assert studio.library.meta["base_model"]["family"] == "sd1" and studio.info()["family"] == "sd1"
     studio.library.save(path)
     assert _list_json(path, capsys)["base_model"]["family"] == "sd1"
@@ -272,28 +259,28 @@ def test_library_of_another_family_is_refused_naming_both_families(family_models
     assert "made for an SD 1.x base model" in message and "SD 2.x (v-prediction)" in message and "\n" not in message
 
 
-def test_library_without_a_family_field_still_loads_and_lists_as_unknown(tiny_pipe, tmp_path, capsys):
+def test_library_without_a_family_field_still_loads_and_lists_as_unknown(sd1_pipe, tmp_path, capsys):
     from share_diffusion.fingerprint import model_fingerprint
     from share_diffusion.studio import Studio
 
     path = tmp_path / "old-library.safetensors"
-    _save_library(path, None, model_fingerprint(tiny_pipe))
-    studio = Studio(tiny_pipe, path, model_id="tiny-sd")
+    _save_library(path, None, model_fingerprint(sd1_pipe))
+    studio = Studio(sd1_pipe, path, model_id="tiny-sd")
     assert studio.info()["family"] == "unknown"
     assert _list_json(path, capsys)["base_model"]["family"] == "unknown"
 
 
-def test_app_header_and_library_facts_show_the_family(tiny_pipe, tmp_path):
+def test_app_header_and_library_facts_show_the_family(sd1_pipe, tmp_path):
     import gradio as gr
 
     from app.ui import build_app
 
-    demo = build_app(tiny_pipe, library_path=tmp_path / "library.safetensors", output_dir=tmp_path / "out",
+    demo = build_app(sd1_pipe, library_path=tmp_path / "library.safetensors", output_dir=tmp_path / "out",
                      work_dir=tmp_path / "work")
     assert isinstance(demo, gr.Blocks)
     texts = [str(c["props"].get("value")) for c in demo.get_config_file()["components"] if c["type"] == "markdown"]
     assert any(t.startswith("## Share Studio") and "(SD 1.x)" in t for t in texts)
     from app.callbacks import StudioCallbacks
 
-    facts = StudioCallbacks(tiny_pipe, demo.share_studio, tmp_path / "out", work_dir=tmp_path / "work").library_facts()
+    facts = StudioCallbacks(sd1_pipe, demo.share_studio, tmp_path / "out", work_dir=tmp_path / "work").library_facts()
     assert "(SD 1.x, fingerprint" in facts

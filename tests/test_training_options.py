@@ -47,7 +47,7 @@ def mirrored_items(pipe, flip: bool, batches: int = 6) -> int:
     images = half_white_image(pipe.unet.config.sample_size * pipe.vae_scale_factor)
     config = TrainingConfig(batch_size=4, noise_offset=0.0, flip=flip, caption_dropout=0.0)
     source = StyleBatches(pipe, images, "x", config, np.random.default_rng(0), torch.Generator().manual_seed(0))
-    mean = source.means[0] * pipe.vae.config.scaling_factor
+    mean = source.buckets[0].means[0] * pipe.vae.config.scaling_factor
     alphas = source.noise_scheduler.alphas_cumprod
     mirrored = 0
     for _ in range(batches):
