@@ -20,8 +20,15 @@ Several new styles (a joint import) merge in one step, with one SVD over all of 
 Each style keeps its own rank r_s: its loadings are zero past column r_s and are stored without.
 Styles are identified by string ids without "." (they appear inside state-dict keys).
 
-Model level (PEFT-tuner-like): ShareConfig -> inject_share_layers() wraps target nn.Linear
-modules in ShareLinear; the functions after it act on every ShareLinear of a model.
+Model level (PEFT-tuner-like): ShareConfig -> inject_share_layers() wraps target nn.Linear and
+nn.Conv2d modules in ShareLinear; the functions after it act on every ShareLinear of a model.
+
+A convolution is a linear map on patches: its weight (d_out, c_in, k_h, k_w) is W (d_out×d_in),
+d_in = c_in·k_h·k_w, flattened as torch stores it. So ΔW = C_B Mᵀ C_Aᵀ acts as a k×k convolution
+with C_A as k_a filters (stride, padding as the base layer), then two 1×1 convolutions (M, C_B):
+what a LoCon layer does with its down and up. A 1×1 convolution (proj_in/proj_out without
+use_linear_projection) is a Linear on channels. A layer that a style does not touch holds it
+with rank 0 (ΔW = 0); which layers a style uses is its own.
 """
 
 from dataclasses import dataclass
@@ -31,8 +38,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+#: What a trained style adapts (the presets' targets): the UNet's and CLIP's attention.
 UNET_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0")
 CLIP_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: Every layer kind a typical SD LoRA touches (kohya sd-scripts' defaults): the Share layers of a
+#: library, so that an imported LoRA keeps all of it. proj_in/proj_out are 1×1 convolutions
+#: unless the UNet uses linear projections.
+UNET_LORA_MODULES = (*UNET_TARGET_MODULES, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+CLIP_LORA_MODULES = (*CLIP_TARGET_MODULES, "fc1", "fc2")
 
 # A style mix: {style id: weight}, or one such dict per batch item.
 StyleMix = dict[str, float] | list[dict[str, float]]
@@ -323,21 +336,31 @@ class StyleInTraining(nn.Module):
         return self.factors_b, self.factors_a
 
 
+def adaptable(module: nn.Module) -> bool:
+    """An nn.Linear, or an nn.Conv2d that is a linear map on patches (one group, zero padding)."""
+    if isinstance(module, nn.Conv2d):
+        return module.groups == 1 and module.padding_mode == "zeros"
+    return isinstance(module, nn.Linear)
+
+
 class ShareLinear(nn.Module):
-    """nn.Linear plus Share styles: y = base(x) + ((x C_A) M) C_Bᵀ, i.e. ΔW = C_B Mᵀ C_Aᵀ.
+    """nn.Linear (or nn.Conv2d) plus Share styles: y = base(x) + ((x C_A) M) C_Bᵀ, i.e. ΔW = C_B Mᵀ C_Aᵀ.
 
     M = Σ_s w_s·scale_s·L_A[s] L_B[s]ᵀ (k_a×k_b) is the active mix: a mix applies the
     weighted sum of full ΔW_s (no cross terms between styles), and switching styles only
     recomputes M. Loadings of all styles are stacked (styles, k, r_max); a lower-rank style
-    is zero-padded, and zero columns add nothing to ΔW.
+    is zero-padded, and zero columns add nothing to ΔW. For a convolution, x C_A is the
+    convolution with C_A's columns as filters and M, C_B act on channels (module docstring).
 
     The Share state is float32 buffers kept out of the model's state_dict (see
     share_state_dict); adapter math is cast to the input's dtype. Inject after moving the
     model to its dtype: a later model.to(float16) would cast the Share state too.
     """
 
-    def __init__(self, base_layer: nn.Linear, config: ShareConfig):
+    def __init__(self, base_layer: nn.Linear | nn.Conv2d, config: ShareConfig):
         super().__init__()
+        if not adaptable(base_layer):
+            raise TypeError(f"Share adapts nn.Linear and ungrouped zero-padded nn.Conv2d, not {base_layer}")
         self.base_layer = base_layer
         self.config = config
         self.style_ids: list[str] = []
@@ -346,7 +369,7 @@ class ShareLinear(nn.Module):
         self.unfused_weight: Tensor | None = None  # base_layer.weight as it was before fuse()
         self.style_in_training: StyleInTraining | None = None
         device = base_layer.weight.device
-        basis_b, basis_a, loadings_b, loadings_a = initialize(base_layer.out_features, base_layer.in_features, device)
+        basis_b, basis_a, loadings_b, loadings_a = initialize(self.d_out, self.d_in, device)
         self.register_buffer("basis_a", basis_a, persistent=False)
         self.register_buffer("basis_b", basis_b, persistent=False)
         self.register_buffer("loadings_a", loadings_a, persistent=False)
@@ -364,25 +387,47 @@ class ShareLinear(nn.Module):
     def bias(self) -> Tensor | None:
         return self.base_layer.bias
 
+    @property
+    def d_out(self) -> int:
+        return self.base_layer.weight.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        """in_features, or c_in·k_h·k_w of a convolution."""
+        return self.base_layer.weight[0].numel()
+
+    @property
+    def is_conv(self) -> bool:
+        return isinstance(self.base_layer, nn.Conv2d)
+
+    def _adapter(self, x: Tensor, factors_a: Tensor, factors_b: Tensor, mix: Tensor | None = None) -> Tensor:
+        """((x A) M) Bᵀ: on the last dimension of a Linear's input, on a convolution's patches."""
+        a, b = factors_a.to(x.dtype), factors_b.mT.to(x.dtype)
+        if self.is_conv:
+            base = self.base_layer
+            filters = a.mT.reshape(a.shape[1], *base.weight.shape[1:])
+            hidden = F.conv2d(x, filters, None, base.stride, base.padding, base.dilation).movedim(-3, -1)
+        else:
+            hidden = x @ a
+        if mix is not None and mix.dim() == 3:  # one mix per batch item
+            if len(mix) != len(x):
+                raise ValueError(f"{len(mix)} per-item style mixes for a batch of {len(x)}")
+            per_item = hidden.reshape(len(x), -1, hidden.shape[-1])
+            hidden = torch.bmm(per_item, mix).reshape(*hidden.shape[:-1], mix.shape[-1])
+        elif mix is not None:
+            hidden = hidden @ mix
+        out = hidden @ b
+        return out.movedim(-1, -3) if self.is_conv else out
+
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)
         if self.style_in_training is not None:
             # Only the new style, so what it learns stands on its own after the merge.
             factors_b, factors_a = self.style_in_training.factors()
-            adapter = (x @ factors_a.to(x.dtype)) @ factors_b.mT.to(x.dtype)
-            return y + self.style_in_training.scale * adapter
-        if self.fused or self.mix is None:
+            return y + self.style_in_training.scale * self._adapter(x, factors_a, factors_b)
+        if self.fused or self.mix is None or self.mix.numel() == 0:  # numel 0: no style here (k = 0)
             return y
-        hidden = x @ self.basis_a.to(x.dtype)
-        mix = self.mix.to(x.dtype)
-        if mix.dim() == 3:  # one mix per batch item
-            if len(mix) != len(x):
-                raise ValueError(f"{len(mix)} per-item style mixes for a batch of {len(x)}")
-            per_item = hidden.reshape(len(x), -1, hidden.shape[-1])
-            hidden = torch.bmm(per_item, mix).reshape(*hidden.shape[:-1], mix.shape[-1])
-        else:
-            hidden = hidden @ mix
-        return y + hidden @ self.basis_b.mT.to(x.dtype)
+        return y + self._adapter(x, self.basis_a, self.basis_b, self.mix.to(x.dtype))
 
     def _require_idle(self) -> None:
         if self.fused:
@@ -484,10 +529,7 @@ class ShareLinear(nn.Module):
         self._require_idle()
         if style in self.style_ids:
             raise ValueError(f"style {style!r} exists; remove it first to retrain")
-        base = self.base_layer
-        self.style_in_training = StyleInTraining(
-            style, base.out_features, base.in_features, self.config, self.basis_a.device, generator
-        )
+        self.style_in_training = StyleInTraining(style, self.d_out, self.d_in, self.config, self.basis_a.device, generator)
         return list(self.style_in_training.parameters())
 
     def finish_training(self) -> dict[str, float]:
@@ -519,7 +561,7 @@ class ShareLinear(nn.Module):
             if self.mix.dim() == 3:
                 raise RuntimeError("a per-item style mix cannot be fused")
             self.unfused_weight = self.base_layer.weight.detach().clone()
-            self.base_layer.weight += self._mix_delta().to(self.weight.dtype)
+            self.base_layer.weight += self._mix_delta().reshape(self.weight.shape).to(self.weight.dtype)
         self.fused = True
 
     @torch.no_grad()
@@ -552,20 +594,21 @@ class ShareLinear(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 
-def inject_share_layers(model: nn.Module, config: ShareConfig) -> dict[str, ShareLinear]:
-    """Wrap every nn.Linear whose name ends with a config.target_modules entry.
+def matches(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether a module name ends with one of `modules` (PEFT's target_modules rule)."""
+    return any(name == t or name.endswith("." + t) for t in modules)
 
-    UNet2DConditionModel: the default targets; CLIPTextModel: CLIP_TARGET_MODULES.
+
+def inject_share_layers(model: nn.Module, config: ShareConfig) -> dict[str, ShareLinear]:
+    """Wrap every nn.Linear or nn.Conv2d (see adaptable) whose name ends with a config.target_modules entry.
+
+    UNet2DConditionModel: UNET_TARGET_MODULES or UNET_LORA_MODULES; CLIPTextModel: CLIP_…_MODULES.
     """
     if share_layers(model):
         raise RuntimeError("model already has Share layers")
-    targets = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in config.target_modules)
-    ]
+    targets = [name for name, module in model.named_modules() if adaptable(module) and matches(name, config.target_modules)]
     if not targets:
-        raise ValueError(f"no nn.Linear matches {config.target_modules}")
+        raise ValueError(f"no nn.Linear or nn.Conv2d matches {config.target_modules}")
     for name in targets:
         parent_name, _, child_name = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -637,28 +680,35 @@ def export_style(model: nn.Module, style: str) -> dict[str, tuple[Tensor, Tensor
     return {name: layer.style_factors(style) for name, layer in share_layers(model).items()}
 
 
-def begin_style_training(model: nn.Module, style: str, generator: torch.Generator | None = None) -> list[nn.Parameter]:
+def begin_style_training(model: nn.Module, style: str, generator: torch.Generator | None = None,
+                         modules: tuple[str, ...] | None = None) -> list[nn.Parameter]:
     """Freeze the whole model (it stays frozen afterwards), start the new style's factors on
-    every Share layer and return them."""
+    every Share layer whose name ends with one of `modules` (None: every one) and return them.
+    The other layers get the style with ΔW = 0 when it is merged."""
     model.requires_grad_(False)
-    return [p for layer in share_layers(model).values() for p in layer.begin_training(style, generator)]
+    layers = [layer for name, layer in share_layers(model).items() if modules is None or matches(name, modules)]
+    if not layers:
+        raise ValueError(f"no Share layer matches {modules}")
+    return [p for layer in layers for p in layer.begin_training(style, generator)]
 
 
 def finish_style_training(model: nn.Module) -> dict[str, dict[str, float]]:
     """Merge the trained style on every layer; returns layer name -> {style: step error}."""
-    return {name: layer.finish_training() for name, layer in share_layers(model).items()}
+    style, factors, scale = take_trained_style(model)
+    return add_style(model, style, factors, scale)
 
 
 def take_trained_style(model: nn.Module) -> tuple[str, dict[str, tuple[Tensor, Tensor]], float]:
-    """The style in training as (id, {layer: (B, A)}, scale), ending its training unmerged, so that
-    the caller can plan_merge it and check the result first."""
-    layers = share_layers(model)
-    training = [layer.style_in_training for layer in layers.values()]
-    if not training or training[0] is None:
+    """The style in training as (id, {layer: (B, A)} of the layers that trained, scale), ending its
+    training unmerged, so that the caller can plan_merge it and check the result first."""
+    training = {name: layer.style_in_training for name, layer in share_layers(model).items()
+                if layer.style_in_training is not None}
+    if not training:
         raise RuntimeError("no style in training")
-    factors = {name: tuple(f.detach() for f in t.factors()) for name, t in zip(layers, training)}
+    factors = {name: tuple(f.detach() for f in t.factors()) for name, t in training.items()}
+    first = next(iter(training.values()))
     discard_style_training(model)
-    return training[0].style, factors, training[0].scale
+    return first.style, factors, first.scale
 
 
 def discard_style_training(model: nn.Module) -> None:

@@ -31,7 +31,7 @@ from .errors import ShareStudioError
 from .families import SDXL, architecture
 from .images import AspectBuckets, ImageSet
 from .latent_cache import encode_images_cached
-from .share import begin_style_training, share_layers
+from .share import UNET_TARGET_MODULES, begin_style_training, share_layers
 
 
 class TrainingCancelled(ShareStudioError):
@@ -294,7 +294,7 @@ def train_style(
     for layer in share_layers(unet).values():
         layer.config = replace(layer.config, rank=config.rank)
     # Its own generator, so the batches are the same as a LoRA's trained with the same seed.
-    parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed))
+    parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed), UNET_TARGET_MODULES)
     return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel, checkpoint)
 
 
