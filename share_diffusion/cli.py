@@ -446,8 +446,12 @@ def register_import(subparsers) -> argparse.ArgumentParser:
 def cmd_import(args: argparse.Namespace) -> int:
     studio = open_studio(args)
     apply_drift_options(studio, args)
-    added = studio.import_files(args.files, on_clash=args.on_clash)
-    print(f"imported {len(added)} styles in one merge: {', '.join(added) or 'none'}")
+    report = studio.import_with_report(args.files, on_clash=args.on_clash)
+    for line in report.kept_lines():
+        print(line)
+    for warning in report.warnings:  # a component that kept under 99.9% of its ΔW energy
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"imported {len(report.names)} styles in one merge: {', '.join(report.names) or 'none'}")
     return 0
 
 

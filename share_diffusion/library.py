@@ -12,6 +12,13 @@ of version 1's fixed cap and energy threshold. Version 1 files load as version 2
 cap of 64 was a default, not a choice, so they get no size limit; a recorded error above float
 rounding was a triangle-inequality bound, so it is kept as a bound.
 
+Version 3 puts Share layers on every layer kind a typical LoRA touches (share.UNET_LORA_MODULES,
+CLIP_LORA_MODULES: attention, proj_in/out, feed-forward, CLIP's MLP), in the UNet and the text
+encoder, so `target_modules` lists both components'. The tensor layout is unchanged: a layer no
+style uses yet has an empty basis (d×0), and a style that does not touch a layer has rank 0 there.
+Version 2 files load as version 3 (`upgrade`): their targets widen to these, and the layers that
+they lack start empty (Studio._attach), every style with ΔW = 0 in them, which is what they were.
+
 Styles have a stable internal id ("s1", "s2", ...) used in tensor names, and a display name that
 users may change freely. Writes are atomic (temporary file, fsync, rename) and keep the previous
 version as `<file>.bak`, which is what "undo the last merge" restores. Loading validates everything
@@ -44,10 +51,10 @@ except ImportError:  # Windows: the exclusively created lock file alone
 
 from . import families
 from .errors import ShareStudioError, first_line
-from .share import DRIFT_BUDGET, EXACT, ShareConfig
+from .share import CLIP_LORA_MODULES, DRIFT_BUDGET, EXACT, UNET_LORA_MODULES, ShareConfig
 
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 METADATA_KEY = "share_studio"
 MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
@@ -179,14 +186,15 @@ class StyleLibrary:
         self.meta["next_style_number"] = number + 1
         return f"s{number}"
 
-    def share_config(self) -> ShareConfig:
+    def share_config(self, component: str = "unet") -> ShareConfig:
+        """The Share settings, with the Share layers of `component` (unet, text_encoder) as targets."""
         share = self.meta["share"]
         return ShareConfig(
             rank=share["rank"],
             alpha=share["alpha"],
             max_basis_rank=share["max_basis_rank"],
             drift_budget=share["drift_budget"],
-            target_modules=tuple(self.meta["target_modules"]["unet"]),
+            target_modules=tuple(self.meta["target_modules"][component]),
         )
 
     def component_state(self, component: str) -> dict[str, torch.Tensor]:
@@ -249,10 +257,17 @@ def style_rank(state: dict[str, torch.Tensor], style_id: str) -> int:
 
 
 def upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    """Version 1 metadata as version 2 (a validated version-1 file; see the module docstring)."""
+    """Version 1 or 2 metadata as version 3 (a validated file; see the module docstring)."""
     if meta["format_version"] == FORMAT_VERSION:
         return meta
-    meta = {**meta, "format_version": FORMAT_VERSION}
+    version, meta = meta["format_version"], {**meta, "format_version": FORMAT_VERSION}
+    targets = meta["target_modules"]
+    meta["target_modules"] = {
+        "unet": [*targets["unet"], *(t for t in UNET_LORA_MODULES if t not in targets["unet"])],
+        "text_encoder": [*targets["text_encoder"], *(t for t in CLIP_LORA_MODULES if t not in targets["text_encoder"])],
+    }
+    if version >= 2:
+        return meta
     meta["share"] = {"rank": meta["share"]["rank"], "alpha": meta["share"]["alpha"], "max_basis_rank": None,
                      "drift_budget": DRIFT_BUDGET}
     meta["styles"] = [
@@ -567,6 +582,6 @@ def _process_alive(pid: int) -> bool:
 
 def estimated_lora_file_bytes(state: dict[str, torch.Tensor], rank: int = 16, bytes_per_number: int = 2) -> int:
     """An estimate, not a measurement: the tensor bytes of one plain rank-`rank` LoRA over the
-    layers of this library's `state` (fp16, the common format), without the file's header."""
-    numbers = sum(rank * (v.shape[0]) for k, v in state.items() if k.endswith((".basis_a", ".basis_b")))
+    layers of this library's `state` that hold a style (fp16, the common format), without the file's header."""
+    numbers = sum(rank * v.shape[0] for k, v in state.items() if k.endswith((".basis_a", ".basis_b")) and v.shape[1])
     return numbers * bytes_per_number

@@ -203,7 +203,33 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     return state, metadata
 
 
-def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str]) -> dict[str, dict[str, Tensor]]:
+def _kohya_component(name: str) -> str:
+    for prefix, component in (("lora_unet_", "unet"), ("lora_te2_", "text_encoder_2"), ("lora_te", "text_encoder")):
+        if name.startswith(prefix):
+            return component
+    return "unknown"
+
+
+def _variant_energy(parts: dict[str, Tensor]) -> float | None:
+    """‖ΔW‖² of a LyCORIS LoHa layer, ΔW = (w1_a w1_b) ∘ (w2_a w2_b) · alpha/r; None for others."""
+    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+    if not all(f"{n}" in parts for n in names):
+        return None
+    w1a, w1b, w2a, w2b = (parts[n].double() for n in names)
+    scale = float(parts["alpha"]) / w1b.shape[0] if "alpha" in parts else 1.0
+    return float(((w1a @ w1b) * (w2a @ w2b) * scale).square().sum())
+
+
+def _kohya_reason(parts: dict[str, Tensor]) -> str:
+    if any(p.startswith("hada_") for p in parts):
+        return "LyCORIS LoHa layers are not supported yet"
+    if any(p.startswith("lokr_") for p in parts):
+        return "LyCORIS LoKr layers are not supported yet"
+    return "not a plain LoRA layer"
+
+
+def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str],
+                   lost: list) -> dict[str, dict[str, Tensor]]:
     """Kohya layers -> {component: PEFT keys}, each layer's alpha/r folded into lora_up."""
     from diffusers import StableDiffusionPipeline
 
@@ -220,7 +246,9 @@ def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str
         if has_down != has_up:
             raise LoraFormatError(f"{name}: lora_down and lora_up must come in pairs")
         if not has_down or set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}:
-            skipped[name] = f"not a plain LoRA layer ({', '.join(sorted(parts))})"
+            reason = _kohya_reason(parts)
+            skipped[name] = f"{reason} ({', '.join(sorted(parts))})"
+            lost.append((_kohya_component(name), reason, _variant_energy(parts)))
             continue
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
         if "alpha" in parts:  # kohya/A1111: ΔW = up·down·alpha/r, r = lora_down rows; no alpha: scale 1
@@ -318,26 +346,60 @@ def _peft_scale(config, module: str) -> float:
     return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
-def _targets(model: nn.Module, default_targets: tuple[str, ...]) -> tuple[dict[str, nn.Linear], tuple[str, ...]]:
-    """name -> base nn.Linear of every Share layer (or, without Share layers, of the default targets)."""
+def _targets(model: nn.Module, default_targets: tuple[str, ...]) -> tuple[dict[str, nn.Module], tuple[str, ...]]:
+    """name -> base layer of every Share layer (or, without Share layers, of the default targets)."""
     layers = share.share_layers(model)
     if layers:
         targets = tuple(next(iter(layers.values())).config.target_modules)
         return {name: layer.base_layer for name, layer in layers.items()}, targets
-    linears = {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and any(name == t or name.endswith("." + t) for t in default_targets)
-    }
-    return linears, default_targets
+    bases = {name: module for name, module in model.named_modules()
+             if share.adaptable(module) and share.matches(name, default_targets)}
+    return bases, default_targets
 
 
 def _as_matrix(tensor: Tensor, what: str, where: str) -> Tensor:
-    if tensor.dim() == 4 and tensor.shape[2:] == (1, 1):  # a 1×1 conv LoRA on a linear layer
+    """A LoRA factor as a matrix: a conv LoRA's down (r, c_in, k, k) -> r × (c_in·k·k), as
+    torch flattens a conv weight; its up (d_out, r, 1, 1) -> d_out × r."""
+    if tensor.dim() == 4:
         tensor = tensor.flatten(1)
     if tensor.dim() != 2:
         raise LoraFormatError(f"{where}: {what} has shape {tuple(tensor.shape)}, expected a matrix")
     return tensor
+
+
+#: A component that keeps less of its ΔW energy than this gets a warning.
+KEPT_WARNING = 0.999
+NOT_ADAPTED = "not a layer kind Share adapts"
+CONVOLUTIONS = "k×k convolutions (LoCon) are not supported yet"
+
+
+def kept_report(lost: list[tuple[str, str, float | None]], kept: dict[str, float]) -> tuple[dict, list[str]]:
+    """Per component, the fraction of the LoRA's ΔW energy kept, Σ‖ΔW kept‖² / Σ‖ΔW‖², and a
+    warning for each component under KEPT_WARNING naming what was lost and why.
+
+    lost: (component, reason, ‖ΔW‖² or None where unknown) per layer left out; kept: ‖ΔW‖² per
+    component imported. An unknown energy makes the fraction an upper bound ("at most").
+    """
+    components = sorted({c for c, _, _ in lost} | set(kept), key=lambda c: (c != "unet", c))  # unet first
+    energy, warnings = {}, []
+    for component in components:
+        mine = [(reason, e) for c, reason, e in lost if c == component]
+        total = kept.get(component, 0.0) + sum(e or 0.0 for _, e in mine)
+        fraction = kept.get(component, 0.0) / total if total > 0 else (1.0 if not mine else 0.0)
+        unknown = any(e is None for _, e in mine)
+        energy[component] = {"kept": fraction, "bound": unknown, "layers_lost": len(mine)}
+        if fraction >= KEPT_WARNING and not unknown:
+            continue
+        reasons = {}
+        for reason, e in mine:
+            count, share_lost, unknown_here = reasons.get(reason, (0, 0.0, False))
+            reasons[reason] = (count + 1, share_lost + (e or 0.0) / total if total > 0 else 0.0, unknown_here or e is None)
+        parts = [f"{count} layer{'s' * (count != 1)} ({reason}; "
+                 + ("energy unknown" if unknown_here and not share_lost else f"{100 * share_lost:.3g}% of its ΔW energy") + ")"
+                 for reason, (count, share_lost, unknown_here) in sorted(reasons.items(), key=lambda r: -r[1][1])]
+        warnings.append(f"{component}: kept {'at most ' if unknown else ''}{100 * fraction:.3g}% of the LoRA's ΔW energy; "
+                        f"left out {', '.join(parts)}")
+    return energy, warnings
 
 
 def read_lora(
@@ -350,11 +412,14 @@ def read_lora(
     Returns (factors_unet, factors_text, info): {Share layer name: (B d_out×r, A d_in×r)} with
     ΔW = B Aᵀ and the LoRA's alpha/r (from .alpha keys or diffusers' LoraConfig metadata)
     folded into B, ready for share.add_style. Shapes are checked against the layers of `unet`
-    and `text_encoder` (their Share layers; without any, the default Share targets).
+    and `text_encoder` (their Share layers; without any, share.UNET_LORA_MODULES and
+    CLIP_LORA_MODULES: attention, proj_in/out, feed-forward, CLIP's MLP).
     info: format, layers (imported), rank (largest), skipped ({LoRA layer: why} for layers
-    Share does not target, e.g. conv/ff; text-encoder layers when text_encoder is None),
-    skipped_count, metadata (the file's). Raises LoraFormatError for pickle or unreadable
-    files, files without LoRA keys, DoRA, and LoRA layers that do not fit the model.
+    Share does not adapt, e.g. 3×3 convs or LoHa; text-encoder layers when text_encoder is
+    None), skipped_count, kept ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some
+    lost energy is unknown, layers_lost}}), warnings (one line per component under
+    KEPT_WARNING: what was lost and why), metadata (the file's). Raises LoraFormatError for
+    pickle or unreadable files, files without LoRA keys, DoRA, and LoRA layers that do not fit.
     """
     if isinstance(source, Mapping):
         state, metadata, label = dict(source), {}, "state dict"
@@ -377,52 +442,60 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
     format = _detect_format(keys)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     skipped: dict[str, str] = {}
+    lost: list[tuple[str, str, float | None]] = []  # (component, why, ‖ΔW‖²) of each layer left out
     if format == "kohya":
-        components, configs = _kohya_to_peft(state, getattr(unet, "config", None), skipped), {}
+        components, configs = _kohya_to_peft(state, getattr(unet, "config", None), skipped, lost), {}
     else:
         configs = _adapter_configs(metadata)
         if any(getattr(c, "use_dora", False) for c in configs.values()):
             raise LoraFormatError("a DoRA LoRA (use_dora): its ΔW depends on the base weight, so Share cannot import it")
         components = _split_components(state, skipped)
 
-    models = {"unet": (unet, share.UNET_TARGET_MODULES), "text_encoder": (text_encoder, share.CLIP_TARGET_MODULES)}
+    models = {"unet": (unet, share.UNET_LORA_MODULES), "text_encoder": (text_encoder, share.CLIP_LORA_MODULES)}
     result: dict[str, Factors] = {"unet": {}, "text_encoder": {}}
-    misfits, ranks = [], []
+    misfits, ranks, kept = [], [], {}
     for component, peft_state in components.items():
         modules = _module_layers(component, peft_state, skipped)
         model, defaults = models.get(component, (None, ()))
-        if model is None:
-            why = "no text encoder given"
-            if component != "text_encoder":
-                why = f"{component} is not part of a Stable Diffusion 1.x model"
-            skipped |= {f"{component}.{module}": why for module in modules}
-            continue
-        layers, target_suffixes = _targets(model, defaults)
+        layers, target_suffixes = _targets(model, defaults) if model is not None else ({}, ())
         by_name = {name.removeprefix(TEXT_MODEL_PREFIX): name for name in layers}
         for module, fields in modules.items():
             where = f"{component}.{module}"
-            name = by_name.get(module.removeprefix(TEXT_MODEL_PREFIX))
-            if name is None:
-                if any(module == t or module.endswith("." + t) for t in target_suffixes):
-                    misfits.append(f"{where} is not in this model")
-                else:
-                    skipped[where] = "not a Share layer"
-                continue
             down = _as_matrix(fields["down"], "lora_down/lora_A", where)
             up = _as_matrix(fields["up"], "lora_up/lora_B", where)
-            linear = layers[name]
-            expected = f"(r×{linear.in_features}) and ({linear.out_features}×r)"
-            if down.shape[0] != up.shape[1] or down.shape[1] != linear.in_features or up.shape[0] != linear.out_features:
-                misfits.append(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)}, the model needs {expected}")
+            if down.shape[0] != up.shape[1]:
+                misfits.append(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)} have different ranks")
                 continue
+            name = by_name.get(module.removeprefix(TEXT_MODEL_PREFIX))
             rank = down.shape[0]
             if "alpha" in fields:
                 scale = float(fields["alpha"]) / rank
             elif component in configs:
-                scale = _peft_scale(configs[component], name)
+                scale = _peft_scale(configs[component], name or module)
             else:
                 scale = 1.0  # diffusers/PEFT convention without alpha: alpha = r
-            result[component][name] = ((up * scale).contiguous(), down.mT.clone(memory_format=torch.contiguous_format))
+            factors = ((up * scale).contiguous(), down.mT.clone(memory_format=torch.contiguous_format))
+            energy = float(share.squared_norm_of_product(factors[0].double(), factors[1].double()))
+            if name is None:
+                if model is None:
+                    why = "no text encoder given" if component == "text_encoder" else \
+                        f"{component} is not part of a Stable Diffusion 1.x model"
+                elif share.matches(module, target_suffixes):
+                    misfits.append(f"{where} is not in this model")
+                    continue
+                else:
+                    why = CONVOLUTIONS if fields["down"].dim() == 4 and fields["down"].shape[2:] != (1, 1) else NOT_ADAPTED
+                skipped[where] = why
+                lost.append((component, why, energy))
+                continue
+            base = layers[name]
+            d_out, d_in = base.weight.shape[0], base.weight[0].numel()
+            if down.shape[1] != d_in or up.shape[0] != d_out:
+                expected = f"(r×{d_in}) and ({d_out}×r)"
+                misfits.append(f"{where}: down {tuple(down.shape)} and up {tuple(up.shape)}, the model needs {expected}")
+                continue
+            result[component][name] = factors
+            kept[component] = kept.get(component, 0.0) + energy
             ranks.append(rank)
     if misfits:
         more = f" (and {len(misfits) - 3} more)" if len(misfits) > 3 else ""
@@ -431,8 +504,11 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
     if not ranks:
         reasons = sorted(set(skipped.values()))
         raise LoraFormatError(f"none of its {len(skipped)} layers is a layer Share adapts ({'; '.join(reasons)})")
+    energy, warnings = kept_report(lost, kept)
     info = {
         "format": format,
+        "kept": energy,
+        "warnings": warnings,
         "layers": len(ranks),
         "rank": max(ranks),
         "skipped": dict(sorted(skipped.items())),

@@ -72,6 +72,20 @@ class MergeReport:
     basis_rank_after: int
     bytes_before: int
     bytes_after: int
+    #: per LoRA file: {"kept": {component: {kept, bound, layers_lost}}, "warnings": [...], "skipped_count"}
+    #: (lora_interop.read_lora); a warning for each component that kept under 99.9% of its ΔW energy
+    files: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [f"{name}: {w}" for name, report in self.files.items() for w in report["warnings"]]
+
+    def kept_lines(self) -> list[str]:
+        """One line per LoRA file: the share of its ΔW energy kept, per component."""
+        def kept(k: dict) -> str:
+            return ("≤ " if k["bound"] else "") + f"{100 * k['kept']:.4g}%"
+        return [f"{name}: kept " + ", ".join(f"{c} {kept(k)}" for c, k in report["kept"].items()) + " of its ΔW energy"
+                for name, report in self.files.items()]
 
 
 class _DryRun(Exception):
@@ -100,7 +114,8 @@ class Studio:
             self._check_base_model(self.library)
             self._file_version = self._current_file_version()
         else:
-            self.library = StyleLibrary(new_metadata(model_id, self.fingerprint, config or share.ShareConfig(),
+            config = config or share.ShareConfig(target_modules=share.UNET_LORA_MODULES)
+            self.library = StyleLibrary(new_metadata(model_id, self.fingerprint, config, share.CLIP_LORA_MODULES,
                                                      family=self.family), {})
         self._attach()
 
@@ -121,29 +136,38 @@ class Studio:
                 f"fingerprint {self.fingerprint}; start Share Studio with --model {expected['id']}"
             )
 
+    def _models(self) -> dict[str, torch.nn.Module]:
+        """The pipeline's components that hold Share layers: the UNet, and the text encoder where
+        it has layers of the library's targets (SDXL's second text encoder is not adapted yet)."""
+        models = {"unet": self.pipe.unet}
+        text_encoder = getattr(self.pipe, "text_encoder", None)
+        targets = tuple(self.library.meta["target_modules"]["text_encoder"])
+        if text_encoder is not None and targets and (share.share_layers(text_encoder) or any(
+                share.adaptable(m) and share.matches(n, targets) for n, m in text_encoder.named_modules())):
+            models["text_encoder"] = text_encoder
+        return models
+
     def _attach(self) -> None:
-        """Put the library's Share state into the pipeline's UNet (injecting layers the first time)."""
-        unet = self.pipe.unet
-        if not share.share_layers(unet):
-            share.inject_share_layers(unet, self.library.share_config())
-        state = self.library.component_state("unet")
-        layers = share.share_layers(unet)
-        if state:
+        """Put the library's Share state into the pipeline's UNet and text encoder (injecting layers
+        the first time). A layer the file lacks (a library from before it was adapted) starts empty,
+        every style with ΔW = 0 in it."""
+        style_ids = [record["id"] for record in self.library.styles]
+        for component, model in self._models().items():
+            if not share.share_layers(model):
+                share.inject_share_layers(model, self.library.share_config(component))
+            layers = share.share_layers(model)
+            state = dict(self.library.component_state(component))
+            for name, layer in layers.items():
+                if f"{name}.basis_a" not in state:
+                    state |= empty_layer_state(name, layer, style_ids)
             try:
-                share.load_share_state_dict(unet, state)
+                share.load_share_state_dict(model, state)
             except (KeyError, RuntimeError) as error:
                 raise LibraryError(f"{self.path}: does not fit this model's layers ({error})") from None
             for name, layer in layers.items():
-                if layer.basis_a.shape[0] != layer.base_layer.in_features or layer.basis_b.shape[0] != layer.base_layer.out_features:
-                    raise LibraryError(f"{self.path}: layer {name} has the wrong width for this model")
-        else:
-            for layer in layers.values():
-                layer.load_state(
-                    layer.basis_b.new_zeros(layer.base_layer.out_features, 0),
-                    layer.basis_a.new_zeros(layer.base_layer.in_features, 0),
-                    {},
-                )
-        share.set_active_styles(unet, None)
+                if layer.basis_a.shape[0] != layer.d_in or layer.basis_b.shape[0] != layer.d_out:
+                    raise LibraryError(f"{self.path}: layer {component}.{name} has the wrong width for this model")
+            share.set_active_styles(model, None)
 
     def _current_file_version(self) -> str | None:
         """A hash of the file's bytes: exact, where modification times and sizes can collide."""
@@ -194,11 +218,13 @@ class Studio:
             for record in records.values():
                 prompt = with_trigger(prompt, record["trigger"])
         with self._merge_lock:  # training runs on its own UNet copy: only its merge step blocks this
-            share.set_active_styles(self.pipe.unet, {records[n]["id"]: w for n, w in weights.items()})
+            for model in self._models().values():
+                share.set_active_styles(model, {records[n]["id"]: w for n, w in weights.items()})
             try:
                 images = generate_images(self.pipe, prompt, **options)
             finally:
-                share.set_active_styles(self.pipe.unet, None)
+                for model in self._models().values():
+                    share.set_active_styles(model, None)
         metadata = {"prompt": prompt, "styles": weights, "library": self.path.name, "library_hash": self.library_hash()}
         return images, metadata
 
@@ -231,33 +257,39 @@ class Studio:
         with self._merge_lock:
             self._attach()
 
-    def _merge(self, unet, new: dict[str, tuple[dict, float]], new_records: list[dict], action: str,
-               refuse: bool = True) -> list[StyleDrift]:
-        """Merge new styles {id: (factors, scale)} into `unet` in one step (one SVD per layer over all
-        of them), after checking that no style drifts past its budget (drift.py; refuse=False: only
-        report it, for a dry run), and record every style's error. A refused merge changes nothing."""
-        config = self.library.share_config()
-        layers = share.share_layers(unet)
-        for layer in layers.values():
-            layer.config = config  # the library's size limit, as set now
+    def _merge(self, models: dict[str, torch.nn.Module], new: dict[str, tuple[dict, float]], new_records: list[dict],
+               action: str, refuse: bool = True) -> list[StyleDrift]:
+        """Merge new styles {id: ({component: factors}, scale)} into `models` {component: model} in one
+        step (one SVD per layer over all of them), after checking that no style drifts past its budget
+        (drift.py; refuse=False: only report it, for a dry run), and record every style's error. A
+        component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
         meta = self.library.meta
-        ids = share.style_ids(unet) + list(new)
+        ids = share.style_ids(models["unet"]) + list(new)
         records = {r["id"]: r for r in [*meta["styles"], *new_records]}
-        plan = share.plan_merge(unet, {i: factors for i, (factors, _) in new.items()},
-                                {i: allowance(records[i]) for i in ids})
-        outcome = merge_outcome(meta, ids, new_records, plan)
+        allowances = {i: allowance(records[i]) for i in ids}
+        plans = {}
+        for component, model in models.items():
+            config = self.library.share_config(component)
+            for layer in share.share_layers(model).values():
+                layer.config = config  # the library's size limit, as set now
+            plans[component] = share.plan_merge(model, {i: factors.get(component, {}) for i, (factors, _) in new.items()},
+                                                allowances)
+        outcome = merge_outcome(meta, ids, new_records, {f"{c}.{name}": m for c, plan in plans.items() for name, m in plan.items()})
         if refuse:
-            check_budgets(outcome, config.max_basis_rank)
-        share.apply_merge(unet, plan, {i: scale for i, (_, scale) in new.items()})
+            check_budgets(outcome, self.library.meta["share"]["max_basis_rank"])
+        for component, model in models.items():
+            share.apply_merge(model, plans[component], {i: scale for i, (_, scale) in new.items()})
         self.library.styles.extend(new_records)
-        record_merge(meta, outcome, action, ",".join(new), self._basis_rank(unet), utc_now())
+        record_merge(meta, outcome, action, ",".join(new), self._basis_rank(models), utc_now())
         return outcome
 
-    def _basis_rank(self, unet=None) -> int:
-        return max((layer.basis_a.shape[1] for layer in share.share_layers(unet or self.pipe.unet).values()), default=0)
+    def _basis_rank(self, models: dict[str, torch.nn.Module] | None = None) -> int:
+        layers = [layer for model in (models or self._models()).values() for layer in share.share_layers(model).values()]
+        return max((layer.basis_a.shape[1] for layer in layers), default=0)
 
     def _capture(self) -> None:
-        self.library.set_component_state("unet", share.share_state_dict(self.pipe.unet))
+        for component, model in self._models().items():
+            self.library.set_component_state(component, share.share_state_dict(model))
 
     def _unique_name(self, name: str, taken: set[str] = frozenset()) -> str:
         candidate, number = name, 2
@@ -311,8 +343,9 @@ class Studio:
                                   progress=progress, preview=preview, cancel=cancel, checkpoint=checkpoint)
             style_id, factors, scale = share.take_trained_style(trained)
             record["rank"] = max((b.shape[1] for b, _ in factors.values()), default=0)
-            outcome = self._merge(trained, {style_id: (factors, scale)}, [record], "train")
-            with self._merge_lock:
+            with self._merge_lock:  # the text encoder is the pipeline's own: it gets the style with ΔW = 0
+                outcome = self._merge(self._models() | {"unet": trained}, {style_id: ({"unet": factors}, scale)},
+                                      [record], "train")
                 share.load_share_state_dict(self.pipe.unet, share.share_state_dict(trained))
                 share.set_active_styles(self.pipe.unet, None)
             before = {d.name: d.before for d in outcome if d.id != style_id}
@@ -364,7 +397,11 @@ class Studio:
         """Merge style libraries and standard LoRA files into this library, all in one merge (one SVD
         per layer over every new style); returns the new names. A merge that would drift any style
         past its budget is refused (drift.DriftError) and the library is left as it was."""
-        return self._import(paths, on_clash, commit=True).names
+        return self.import_with_report(paths, on_clash).names
+
+    def import_with_report(self, paths: list, on_clash: str = "rename") -> MergeReport:
+        """import_files, returning its MergeReport: with each LoRA file's kept energy and warnings."""
+        return self._import(paths, on_clash, commit=True)
 
     def check_import(self, paths: list, on_clash: str = "rename") -> MergeReport:
         """What import_files would do (names, every style's error after, basis rank and file size
@@ -374,7 +411,8 @@ class Studio:
     def _import(self, paths: list, on_clash: str, commit: bool) -> MergeReport:
         if on_clash not in CLASH_POLICIES:
             raise ValueError(f"on_clash must be one of {CLASH_POLICIES}")
-        incoming = []
+        incoming, files = [], {}
+        models = self._models()
         for path in map(Path, paths):
             if path.suffix != ".safetensors":
                 raise LibraryError(f"{path.name}: only .safetensors files are imported (pickle files are never opened)")
@@ -383,13 +421,15 @@ class Studio:
             except LibraryError as error:
                 if "not a Share Studio style library" not in str(error):
                     raise
-                factors, _, info = read_lora(path, self.pipe.unet)
+                factors_unet, factors_text, info = read_lora(path, models["unet"], models.get("text_encoder"))
+                factors = {"unet": factors_unet, "text_encoder": factors_text}
+                files[path.name] = {k: info[k] for k in ("kept", "warnings", "skipped_count")}
                 name = style_name_from(path.stem)
                 incoming.append((name, default_trigger(name), factors, {"imported": f"LoRA {path.name}"}))
                 continue
             self._check_base_model(other, source=str(path))
             for record in other.styles:  # its drift so far comes along
-                factors = library_style_factors(other, record["id"], "unet")
+                factors = {c: library_style_factors(other, record["id"], c) for c in models}
                 kept = {k: record[k] for k in ("error", "error_exact", "cuts", "drift_budget")}
                 incoming.append((record["name"], record["trigger"], factors, {"imported": f"library {path.name}", **kept}))
 
@@ -407,7 +447,7 @@ class Studio:
                     else:
                         name = self._unique_name(name, taken)
                 taken.add(name)
-                rank = max((b.shape[1] for b, _ in factors.values()), default=0)
+                rank = max((b.shape[1] for part in factors.values() for b, _ in part.values()), default=0)
                 record = self._new_record(name, trigger, rank=rank, sample_prompt=with_trigger("", trigger))
                 record.update(details)
                 new[record["id"]] = (factors, 1.0)
@@ -415,11 +455,12 @@ class Studio:
             drifts = []
             if new:
                 with self._merge_lock:
-                    drifts = self._merge(self.pipe.unet, new, records, "import", refuse=commit)
-                    share.set_active_styles(self.pipe.unet, None)
+                    drifts = self._merge(models, new, records, "import", refuse=commit)
+                    for model in models.values():
+                        share.set_active_styles(model, None)
             self._capture()
             report = MergeReport([r["name"] for r in records], drifts, rank_before, self.library.basis_rank(),
-                                 bytes_before, len(self.library.to_bytes()))
+                                 bytes_before, len(self.library.to_bytes()), files)
             if not commit:
                 raise _DryRun(report)
             return report
@@ -432,7 +473,8 @@ class Studio:
     def _remove(self, name: str) -> None:
         record = self.library.style(name)
         with self._merge_lock:
-            share.remove_style(self.pipe.unet, record["id"])
+            for model in self._models().values():
+                share.remove_style(model, record["id"])
         self.library.styles.remove(record)
         self.library.meta["merges"].append({"number": len(self.library.meta["merges"]) + 1, "action": "remove",
                                             "style": record["id"], "at": utc_now(), "basis_rank": self._basis_rank()})
@@ -489,9 +531,9 @@ class Studio:
 
     def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
         record = self.library.style(name)
-        factors = library_style_factors(self.library, record["id"], "unet")
+        factors_unet, factors_text = (library_style_factors(self.library, record["id"], c) for c in ("unet", "text_encoder"))
         out = Path(out)
-        save_lora(out, export_lora(factors, format=format), metadata={"style": name, "trigger": record["trigger"],
+        save_lora(out, export_lora(factors_unet, factors_text, format=format), metadata={"style": name, "trigger": record["trigger"],
                                                                        "base_model": self.library.meta["base_model"]["id"]})
         return out
 
@@ -509,3 +551,14 @@ def library_style_factors(library: StyleLibrary, style_id: str, component: str) 
         factors[layer] = (scale * state[f"{layer}.basis_b"] @ state[prefix + "loadings_b"],
                           state[f"{layer}.basis_a"] @ state[prefix + "loadings_a"])
     return factors
+
+
+def empty_layer_state(name: str, layer: share.ShareLinear, style_ids: list[str]) -> dict[str, torch.Tensor]:
+    """share_state_dict entries of a layer that holds no style yet: an empty basis (k = 0), and
+    every style with rank 0 (ΔW = 0)."""
+    state = {f"{name}.basis_a": torch.zeros(layer.d_in, 0), f"{name}.basis_b": torch.zeros(layer.d_out, 0)}
+    for style_id in style_ids:
+        state |= {f"{name}.styles.{style_id}.loadings_a": torch.zeros(0, 0),
+                  f"{name}.styles.{style_id}.loadings_b": torch.zeros(0, 0),
+                  f"{name}.styles.{style_id}.scale": torch.tensor(1.0)}
+    return state

@@ -167,8 +167,8 @@ def test_import_shows_every_styles_drift_before_it_is_confirmed(cb, pipe, tmp_pa
 
     train(cb, example_files("hatching"), "Hatching")
     g = torch.Generator().manual_seed(0)
-    factors = {name: (0.05 * torch.randn(layer.base_layer.out_features, 4, generator=g),
-                      0.05 * torch.randn(layer.base_layer.in_features, 4, generator=g))
+    factors = {name: (0.05 * torch.randn(layer.d_out, 4, generator=g),
+                      0.05 * torch.randn(layer.d_in, 4, generator=g))
                for name, layer in share.share_layers(pipe.unet).items()}
     lora = save_lora(tmp_path / "Other.safetensors", export_lora(factors))
     saved = cb.studio.path.read_bytes()

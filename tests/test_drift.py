@@ -14,7 +14,7 @@ import torch
 
 from share_diffusion import share
 from share_diffusion.drift import DriftError
-from share_diffusion.library import StyleLibrary
+from share_diffusion.library import FORMAT_VERSION, StyleLibrary
 from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.lora_interop import export_lora, read_lora, save_lora
 from share_diffusion.share import ShareConfig, ShareLinear
@@ -102,11 +102,10 @@ def lora_files(pipe, folder: Path, count: int, rank: int, seed: int, shared: int
     """`count` LoRA files of `rank` over every attention layer, alternately kohya and diffusers.
     With `shared` > 0 they lie near a shared subspace of that dimension (plus 30% noise), as
     styles of one model tend to; else they are unrelated."""
-    layers = share.share_layers(pipe.unet) or {
-        n: m for n, m in pipe.unet.named_modules() if n.endswith(share.UNET_TARGET_MODULES) and isinstance(m, torch.nn.Linear)
-    }
+    layers = {n: getattr(m, "base_layer", m) for n, m in pipe.unet.named_modules()
+              if share.matches(n, share.UNET_TARGET_MODULES) and isinstance(getattr(m, "base_layer", m), torch.nn.Linear)}
     g = torch.Generator().manual_seed(seed)
-    sizes = {n: (getattr(m, "base_layer", m).out_features, getattr(m, "base_layer", m).in_features) for n, m in layers.items()}
+    sizes = {n: (m.out_features, m.in_features) for n, m in layers.items()}
     bases = {n: (torch.randn(o, shared, generator=g), torch.randn(i, shared, generator=g)) for n, (o, i) in sizes.items()}
     paths = []
     for number in range(count):
@@ -247,5 +246,5 @@ def test_a_library_written_before_drift_budgets_still_loads(pipe, tmp_path):
     assert measured_error(reopened, "lora-4-00", paths[0]) <= 1e-5
     reopened.import_files(paths[2:])
     saved = StyleLibrary.load(old)
-    assert saved.meta["format_version"] == 2 and saved.style("lora-4-01")["error"] >= 0.25
+    assert saved.meta["format_version"] == FORMAT_VERSION and saved.style("lora-4-01")["error"] >= 0.25
     assert measured_error(reopened, "lora-4-00", paths[0]) <= 1e-5

@@ -197,7 +197,8 @@ def test_kohya_layers_share_does_not_adapt_are_skipped_and_reported(styled, tmp_
     assert info["layers"] == len(factors_unet) + len(factors_text)
     assert "unet.down_blocks.0.resnets.0.conv1" in info["skipped"]
     assert "text_encoder.text_model.encoder.layers.0.mlp.fc1" in info["skipped"]
-    assert "not a plain LoRA layer" in info["skipped"]["lora_unet_up_blocks_1_attentions_0_proj_out"]
+    assert "LoHa layers are not supported yet" in info["skipped"]["lora_unet_up_blocks_1_attentions_0_proj_out"]
+    assert any("convolutions (LoCon)" in w for w in info["warnings"]) and info["kept"]["unet"]["bound"]
     imported = set(read_unet) | set(read_text)
     assert not any(name.endswith(("conv1", "ff.net.2", "proj_in", "mlp.fc1", "proj_out")) for name in imported)
     assert_same_deltas(factors_unet, read_unet)
