@@ -60,6 +60,9 @@ def test_second_style_leaves_the_first_unchanged(studio):
 
     after_delta = style_delta(StyleLibrary.load(studio.path), "Hatching")
     for layer, delta in before_delta.items():
+        if not delta.any():  # a layer the trained style does not use (proj, ff, text encoder): rank 0
+            assert not after_delta[layer].any(), layer
+            continue
         error = torch.linalg.norm(after_delta[layer] - delta) / torch.linalg.norm(delta)
         assert error <= 1e-4, layer
     assert np.abs(generate(studio, "Hatching") - before_image).max() <= 1.0  # at most 1 level of 255
