@@ -19,7 +19,8 @@ memory do not depend on the weights.
               trained style active (unfused, as the app generates), interleaved round by round
               after one warm-up image each.
 
-SDXL at 1024 px (--family sdxl) is not supported yet: it needs issue #18, and exits 2.
+SDXL at 1024 px (--family sdxl) is not prepared yet (SDXL trains since issue #18 part 2; its
+benchmark here is the next part of #18) and exits 2.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from PIL import Image
 from benchmarks.output import add_output_option, write_results
 
 FAMILIES = ("sd15", "sdxl")
-SDXL_NOT_SUPPORTED = "benchmarks.gpu --family sdxl (1024 px): not supported yet: needs issue #18 (SDXL pipelines)"
+SDXL_NOT_SUPPORTED = "benchmarks.gpu --family sdxl (1024 px): not prepared yet: the SDXL part of issue #18 still to do"
 WARMUP_STEPS = 5
 TRAINING_IMAGES = 8
 STYLE = "gpubench"  # the trained style's id and trigger word
@@ -180,7 +181,7 @@ def markdown_report(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--family", choices=FAMILIES, default="sd15", help="sd15 (512 px); sdxl (1024 px) needs issue #18")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15", help="sd15 (512 px); sdxl (1024 px) is not prepared yet")
     parser.add_argument("--steps", type=int, default=30, help=f"training steps per method (more than {WARMUP_STEPS}, which are not timed)")
     parser.add_argument("--rounds", type=int, default=5, help="images timed per generation condition")
     parser.add_argument("--sampling-steps", type=int, default=30, help="denoising steps per image")
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.steps <= WARMUP_STEPS:
         parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
-    # ---- SDXL at 1024 px: its place is here, once issue #18 loads and trains SDXL pipelines. ----
+    # ---- SDXL at 1024 px: its place is here (the SDXL benchmark part of issue #18). ----
     if args.family == "sdxl":
         print(SDXL_NOT_SUPPORTED, file=sys.stderr)
         raise SystemExit(2)

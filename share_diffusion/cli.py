@@ -287,13 +287,15 @@ def register_train(subparsers) -> argparse.ArgumentParser:
 def cmd_train(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .devices import distributed_state
+    from .devices import distributed_state, launched_distributed
     from .errors import ShareStudioError
     from .training import TrainingCancelled, TrainingProgress, training_config
     from .training_job import TrainingJob
 
     studio = open_studio(args)
-    apply_drift_options(studio, args)
+    main_process = not launched_distributed() or distributed_state().is_main_process
+    if main_process:  # under accelerate launch only the main process writes the library
+        apply_drift_options(studio, args)
     interrupted = studio.interrupted_training(args.name)
     if interrupted is not None and not (args.resume or args.restart):
         raise ShareStudioError(f"a training of {args.name!r} was interrupted at step {interrupted}: "
@@ -306,10 +308,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, flip=args.flip,
         checkpoint_every=args.checkpoint_every, latent_cache=args.cache_latents,
     )
-    main_process = distributed_state().is_main_process
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr, disable=not main_process)
     job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset,
-                      resume=True if args.resume else False).start()
+                      resume=bool(args.resume)).start()
     try:
         for event in job.events():
             if isinstance(event, TrainingProgress):

@@ -49,6 +49,16 @@ def launched_distributed() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def main_process_verdict(refusal: str | None = None) -> str | None:
+    """The main process's `refusal` (None: go on), received by every process. A collective: every
+    process calls it once, the main one with its verdict, so that none waits for the others alone."""
+    from accelerate.utils import broadcast_object_list
+
+    verdict = [refusal]
+    broadcast_object_list(verdict, from_process=0)
+    return verdict[0]
+
+
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/``"auto"`` → this process's GPU under `accelerate launch`, else CUDA if available,
     else Apple MPS, else CPU.  Explicit devices are checked."""

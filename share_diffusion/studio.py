@@ -36,9 +36,10 @@ from .library import (
     utc_now,
     write_atomically,
 )
-from .checkpoints import TrainingCheckpoint, training_digest
-from .devices import distributed_state
+from .checkpoints import CheckpointMismatch, TrainingCheckpoint, training_digest
+from .devices import distributed_state, launched_distributed, main_process_verdict
 from .lora_interop import export_lora, read_lora, save_lora
+from .errors import first_line
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
 from .library import check_family
@@ -320,17 +321,29 @@ class Studio:
         buckets = aspect_buckets(self.pipe)  # each image in the bucket of its aspect ratio
         image_set = load_training_images(images, buckets.resolution, buckets=buckets)
         image_set.require_some()
-        checkpoint = self._checkpoint(name, image_set, trigger, config, resume)
+        if self.library.has_style(name):
+            raise LibraryError(f"a style named {name!r} exists; pick another name or remove it first")
+        processes = distributed_state() if launched_distributed() else None
+        checkpoint = self._checkpoint(name, image_set, trigger, config, resume, main=processes is None or processes.is_main_process)
         resumed_from = checkpoint.saved_step() if checkpoint.exists() else None
-        processes = distributed_state()
-        if not processes.is_main_process:
-            train_style(self.pipe, training_unet(self.pipe), image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint)
-            processes.wait_for_everyone()  # until the main process has saved the library
+        if processes is not None and not processes.is_main_process:
+            # The main process says whether it could open the library for the change; then all train.
+            if (refusal := main_process_verdict()) is not None:
+                raise LibraryError(f"the main process stopped: {refusal}")
+            try:
+                train_style(self.pipe, training_unet(self.pipe), image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint)
+            finally:
+                processes.wait_for_everyone()  # until the main process has saved the library
             return TrainResult(name, {}, {}, image_set.rejected, resumed_from=resumed_from)
+        started = False
 
         def change():
-            if self.library.has_style(name):
+            nonlocal started
+            if self.library.has_style(name):  # another process may have added it meanwhile
                 raise LibraryError(f"a style named {name!r} exists; pick another name or remove it first")
+            if processes is not None:
+                main_process_verdict(None)
+                started = True
             record = self._new_record(
                 name, trigger, images=len(image_set.images), steps=config.steps, preset=preset,
                 sample_prompt=with_trigger("", trigger), training={"learning_rate": config.learning_rate,
@@ -355,8 +368,12 @@ class Studio:
 
         try:
             result = self._transaction(change)
+        except BaseException as error:
+            if processes is not None and not started:
+                main_process_verdict(first_line(error))
+            raise
         finally:
-            if processes.num_processes > 1:
+            if processes is not None and started:
                 processes.wait_for_everyone()
         checkpoint.remove()
         if config.strength_previews:
@@ -364,19 +381,24 @@ class Studio:
         return result
 
     def interrupted_training(self, name: str) -> int | None:
-        """The step at which a training of style `name` was interrupted, if one can be resumed."""
-        folder = TrainingCheckpoint.folder_for(self.path, name)
-        return TrainingCheckpoint(folder, "").saved_step() if (folder / "state.json").is_file() else None
+        """The step at which a training of style `name` was interrupted, if one can be resumed
+        (a damaged checkpoint cannot: it is discarded by the next training of that name)."""
+        checkpoint = TrainingCheckpoint(TrainingCheckpoint.folder_for(self.path, name), digest="")
+        return checkpoint.saved_step() if checkpoint.exists() else None
 
-    def _checkpoint(self, name: str, image_set: ImageSet, trigger: str, config: TrainingConfig, resume: bool | None) -> TrainingCheckpoint:
-        pixels = [np.asarray(image.image) for image in image_set.images]
-        digest = training_digest(config, pixels, trigger, self.fingerprint)
+    def _checkpoint(self, name: str, image_set: ImageSet, trigger: str, config: TrainingConfig, resume: bool | None,
+                    main: bool) -> TrainingCheckpoint:  # fmt: skip
+        model = f"{self.fingerprint} {self.pipe.unet.dtype} {self.pipe.scheduler.config.get('prediction_type')}"
+        digest = training_digest(config, [(np.asarray(i.image), i.caption) for i in image_set.images], trigger, model)
         checkpoint = TrainingCheckpoint(TrainingCheckpoint.folder_for(self.path, name), digest)
-        if resume and not checkpoint.exists():
-            raise LibraryError(f"there is no interrupted training of {name!r} to resume")
-        if checkpoint.exists() and (resume is False or (resume is None and not checkpoint.matches())):
-            if distributed_state().is_main_process:
-                checkpoint.remove()
+        if resume and not checkpoint.matches():
+            problem = "is damaged" if checkpoint.damaged() else "was made with other settings, images, captions or model"
+            if not checkpoint.exists() and not checkpoint.damaged():
+                raise LibraryError(f"there is no interrupted training of {name!r} to resume")
+            raise CheckpointMismatch(f"the interrupted training of {name!r} {problem}; train with the same ones, or start over (--restart)")
+        discard = resume is False or (resume is None and not checkpoint.matches())
+        if main and discard and checkpoint.folder.exists():
+            checkpoint.remove()
         return checkpoint
 
     def style_strength(self, name: str, image_set: ImageSet, count: int = 8) -> Estimate:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import compute_snr
@@ -128,10 +129,11 @@ class TrainingProgress:
     total_steps: int
     loss: float
     elapsed: float
+    resumed_at: int = 0  # the step a resumed training started from: elapsed counts the steps since
 
     @property
     def eta(self) -> float:
-        return self.elapsed / max(self.step, 1) * (self.total_steps - self.step)
+        return self.elapsed / max(self.step - self.resumed_at, 1) * (self.total_steps - self.step)
 
     def describe(self) -> str:
         return f"step {self.step}/{self.total_steps} · loss {self.loss:.4f} · ETA {format_seconds(self.eta)}"
@@ -318,11 +320,13 @@ def fit(
     `checkpoint`, the loop continues from it when it exists, saves one every
     `config.checkpoint_every` steps, and saves one when cancelled.
     """
-    # The precision is ours (training_precision): accelerate only places and synchronises, so one
-    # process can train many times with different settings.
-    accelerator = Accelerator(mixed_precision="no", cpu=pipe.device.type == "cpu")
+    # The precision is ours (training_precision) and the device the pipeline's: accelerate only
+    # synchronises processes, so one process can train many times with different settings, and
+    # the UNet copy, which shares the pipeline's weights, is never moved.
+    accelerator = Accelerator(mixed_precision="no", cpu=pipe.device.type == "cpu", device_placement=False,
+                              kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])  # fmt: skip
     model_dtype = pipe.unet.dtype
-    compute_dtype = training_precision(model_dtype, config.mixed_precision)
+    compute_dtype = training_precision(model_dtype, requested_precision(config))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -331,7 +335,7 @@ def fit(
     lr_schedule = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     scaler = torch.amp.GradScaler(pipe.device.type, enabled=compute_dtype == torch.float16)
     unet = accelerator.prepare(unet)
-    device = accelerator.device
+    device = pipe.device
 
     state = TrainingState(0, parameters, optimizer, lr_schedule, scaler, np.random.default_rng(config.seed),
                           torch.Generator().manual_seed(config.seed))  # fmt: skip
@@ -345,7 +349,7 @@ def fit(
             state.step = step
             checkpoint.save(state)
 
-    start = time.time()
+    start, first_step = time.time(), state.step
     for step in range(state.step + 1, config.steps + 1):
         if cancel_requested(accelerator, cancel):
             save_checkpoint(step - 1)
@@ -362,7 +366,7 @@ def fit(
                 if config.min_snr_gamma:
                     errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
                 batch_loss = errors.mean() / config.gradient_accumulation
-                if not torch.isfinite(batch_loss):
+                if not all_finite(accelerator, batch_loss):
                     raise TrainingFailed(
                         f"the loss became {batch_loss.item()} at step {step}; lower the learning rate "
                         f"(it was {config.learning_rate:g}). The library is unchanged"
@@ -381,7 +385,7 @@ def fit(
         if accelerator.num_processes > 1:
             loss = accelerator.reduce(loss.to(device), "mean").cpu()
         if progress is not None:
-            progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start))
+            progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start, first_step))
         if preview is not None and config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
             preview(step, preview_images(pipe, accelerator.unwrap_model(unet), preview_prompt or with_trigger("", trigger)))
     unet = accelerator.unwrap_model(unet)
@@ -391,12 +395,26 @@ def fit(
     return unet
 
 
+def requested_precision(config: TrainingConfig) -> str:
+    """config.mixed_precision; for "auto", `accelerate launch --mixed_precision fp16|bf16` if given."""
+    launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    return launcher if config.mixed_precision == "auto" and launcher in HALF_TYPES else config.mixed_precision
+
+
 def cancel_requested(accelerator: Accelerator, cancel: threading.Event | None) -> bool:
     """Whether any process was asked to cancel: all of them stop at the same step."""
     requested = cancel is not None and cancel.is_set()
     if accelerator.num_processes == 1:
         return requested
     return bool(accelerator.reduce(torch.tensor(float(requested), device=accelerator.device), "sum") > 0)
+
+
+def all_finite(accelerator: Accelerator, loss: torch.Tensor) -> bool:
+    """Whether every process's loss is finite: all of them stop at the same step when one is not."""
+    finite = bool(torch.isfinite(loss))
+    if accelerator.num_processes == 1:
+        return finite
+    return bool(accelerator.reduce(torch.tensor(float(finite), device=accelerator.device), "sum") == accelerator.num_processes)
 
 
 def min_snr_weights(noise_scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:

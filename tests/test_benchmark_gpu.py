@@ -1,4 +1,4 @@
-"""benchmarks.gpu needs a GPU: without CUDA it stops at once and says why; SDXL waits for issue #18."""
+"""benchmarks.gpu needs a GPU: without CUDA it stops at once and says why; SDXL is not prepared yet."""
 
 import pytest
 import torch
@@ -14,11 +14,11 @@ def test_without_cuda_it_stops_at_once_with_the_reason(monkeypatch, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_sdxl_is_not_supported_yet(capsys, tmp_path):
+def test_sdxl_says_it_is_not_prepared_yet_and_exits_2(capsys, tmp_path):
     with pytest.raises(SystemExit) as stop:
         gpu.main(["--family", "sdxl", "--out", str(tmp_path)])
     assert stop.value.code == 2
-    assert "not supported yet: needs issue #18" in capsys.readouterr().err
+    assert "not prepared yet" in capsys.readouterr().err
 
 
 def test_help_describes_the_run(capsys):

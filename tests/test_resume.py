@@ -47,8 +47,10 @@ def style_delta(studio: Studio, name: str) -> dict[str, torch.Tensor]:
 
 
 def assert_same_style(first: dict, second: dict, tolerance: float) -> None:
-    worst = max(float((first[n] - second[n]).norm() / first[n].norm()) for n in first)
-    assert worst <= tolerance, worst
+    """The same ΔW on every layer, relative to the style's ΔW over all layers."""
+    scale = sum(float(delta.square().sum()) for delta in first.values()) ** 0.5
+    worst = max(float((first[n] - second[n]).norm()) for n in first) / scale
+    assert scale > 0 and worst <= tolerance, worst
 
 
 def test_a_cancelled_training_resumes_exactly_where_it_stopped(tiny_pipeline_dir, picture_folder, tmp_path):
@@ -82,6 +84,19 @@ def test_a_resume_with_other_settings_is_refused_and_resume_needs_a_checkpoint(t
     assert studio.interrupted_training("grain") == 3  # refused, and nothing was lost
     # resume=None (the app): a checkpoint made with other settings is replaced by a fresh training
     assert studio.train([picture_folder], "grain", config=other).resumed_from is None
+
+
+def test_a_damaged_checkpoint_is_refused_for_resume_and_replaced_by_a_new_training(tiny_pipeline_dir, picture_folder, tmp_path):
+    studio = new_studio(tiny_pipeline_dir, tmp_path / "library.safetensors")
+    cancel = threading.Event()
+    with pytest.raises(TrainingCancelled):
+        studio.train([picture_folder], "grain", config=CONFIG, cancel=cancel, progress=lambda p: p.step == 3 and cancel.set())
+    (TrainingCheckpoint.folder_for(studio.path, "grain") / "state.json").write_text("")  # as a power loss may leave it
+    assert studio.interrupted_training("grain") is None
+    with pytest.raises(CheckpointMismatch, match="damaged"):
+        studio.train([picture_folder], "grain", config=CONFIG, resume=True)
+    assert studio.train([picture_folder], "grain", config=CONFIG).resumed_from is None
+    assert studio.style_names() == ["grain"]
 
 
 def cli_train(pipeline_dir, library: Path, pictures: Path, *extra: str) -> list[str]:
