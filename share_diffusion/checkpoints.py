@@ -7,8 +7,9 @@ A checkpoint is a folder next to the library (`.<library>.training/<style>/`) ho
                      scaler, the numpy generator, and a digest of everything that decides the
                      training (settings, images, trigger, base model) so that a resume with other
                      inputs is refused instead of silently mixing two trainings.
-It is written to a temporary folder and renamed into place, so a kill mid-write leaves the
-previous checkpoint. The library itself is only written by the merge at the end, as always.
+It is written to a temporary folder, fsynced and renamed into place; the previous one is moved
+aside first, so a kill between the two renames leaves it under `.<folder>.old` (not resumable,
+removed by the next save). The library itself is only written by the merge at the end, as always.
 """
 
 from __future__ import annotations

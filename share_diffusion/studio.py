@@ -392,9 +392,9 @@ class Studio:
         digest = training_digest(config, [(np.asarray(i.image), i.caption) for i in image_set.images], trigger, model)
         checkpoint = TrainingCheckpoint(TrainingCheckpoint.folder_for(self.path, name), digest)
         if resume and not checkpoint.matches():
-            problem = "is damaged" if checkpoint.damaged() else "was made with other settings, images, captions or model"
-            if not checkpoint.exists() and not checkpoint.damaged():
+            if not checkpoint.folder.exists():
                 raise LibraryError(f"there is no interrupted training of {name!r} to resume")
+            problem = "is damaged" if checkpoint.damaged() else "was made with other settings, images, captions or model"
             raise CheckpointMismatch(f"the interrupted training of {name!r} {problem}; train with the same ones, or start over (--restart)")
         discard = resume is False or (resume is None and not checkpoint.matches())
         if main and discard and checkpoint.folder.exists():
