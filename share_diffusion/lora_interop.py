@@ -6,7 +6,8 @@ lora_up/lora_B = B (d_out×r) and lora_down/lora_A = Aᵀ (r×d_in), scaled by a
 
   export_lora(factors_unet, factors_text, format)  -> a LoRA state dict (alpha = r: scale 1)
   save_lora(path, state, metadata)                  -> a .safetensors file
-  read_lora(source, unet, text_encoder)             -> factors (alpha/r folded into B) + info
+  read_lora_components(source, models)              -> factors per component (alpha/r folded into B) + info
+  read_lora(source, unet, text_encoder)             -> the same for a UNet and one text encoder
 
 Key names come from diffusers' own converters, the ones pipe.load_lora_weights uses:
   kohya:     convert_state_dict_to_kohya on export; lora_state_dict
@@ -14,10 +15,13 @@ Key names come from diffusers' own converters, the ones pipe.load_lora_weights u
              convert_state_dict_to_peft on import.
   diffusers: the PEFT layout `unet.<module>.lora_A.weight`, packed with pack_weights, exactly
              what StableDiffusionPipeline.save_lora_weights writes.
-Only two spellings are ours: SD 1.x kohya files name the text encoder `lora_te_` (diffusers
-writes the SDXL-style `lora_te1_`; both load in diffusers, A1111 wants `lora_te_` for SD 1.x),
-and text-encoder layers are written under `text_model.` (transformers ≥ 5.6 flattened
-CLIPTextModel; files keep the classic names, and diffusers strips the prefix when loading).
+Three spellings are ours: SD 1.x/2.x kohya files name the text encoder `lora_te_` (diffusers
+writes the SDXL-style `lora_te1_`; both load in diffusers, A1111 wants `lora_te_` for SD 1.x);
+SDXL kohya files name UNet layers by the original (SGM) blocks, `lora_unet_input_blocks_4_1_…`,
+as kohya sd-scripts writes them (it trains SDXL on that UNet, and reads its SDXL files so; diffusers
+maps them back by the UNet config, see sgm_unet_name); and text-encoder layers are written under
+`text_model.` (transformers ≥ 5.6 flattened CLIPTextModel; files keep the classic names, and
+diffusers strips the prefix when loading).
 
 Pickle-based files are never opened. Everything a user can get wrong raises LoraFormatError.
 """
@@ -35,13 +39,16 @@ import torch
 from torch import Tensor, nn
 
 from . import share
+from .families import SDXL, architecture, family_from_configs
 from .loading import PICKLE_SUFFIXES
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-#: The component prefixes a diffusers/PEFT LoRA file may use (SDXL's second text encoder too, so
-#: its layers are reported as skipped rather than taken for UNet layers).
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The component prefixes a diffusers/PEFT LoRA file may use, with the layer kinds Share adapts in
+#: each where the model has no Share layers yet.
+DEFAULT_TARGETS = {"unet": share.UNET_LORA_MODULES, "text_encoder": share.CLIP_LORA_MODULES,
+                   "text_encoder_2": share.CLIP_LORA_MODULES}
+LORA_COMPONENTS = tuple(DEFAULT_TARGETS)
 TEXT_MODEL_PREFIX = "text_model."
 # Per-layer tensors of LoRA variants that are not ΔW = B Aᵀ (DoRA rescales the whole weight).
 _DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
@@ -76,11 +83,41 @@ def _peft_layers(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int, up_sca
     return state
 
 
+# A UNet layer in an attention block, by diffusers' name: down/up_blocks.<b>.attentions.<j>. or mid_block.attentions.0.
+_ATTENTION_BLOCK = re.compile(r"(?:(?P<side>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<layer>\d+)\.")
+
+
+def sgm_unet_name(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet layer by its original (SGM/LDM) name, the name kohya sd-scripts gives SDXL
+    LoRA layers. Each diffusers block is n = layers_per_block + 1 original blocks (down: its layers
+    and the downsampler; up: its n layers), and input_blocks.0 is conv_in:
+
+        down_blocks.b.attentions.j.…  ->  input_blocks.(1 + n·b + j).1.…
+        mid_block.attentions.0.…      ->  middle_block.1.…
+        up_blocks.b.attentions.j.…    ->  output_blocks.(n·b + j).1.…
+
+    the inverse of diffusers' _maybe_map_sgm_blocks_to_diffusers, which load_lora_weights and
+    read_lora_components use. Inside a block the names agree. Share adapts no layer outside
+    attention blocks.
+    """
+    match = _ATTENTION_BLOCK.match(module)
+    if match is None:
+        raise ValueError(f"{module}: not in a UNet attention block, so it has no kohya SDXL name")
+    if match["side"] is None:
+        block = "middle_block.1."
+    else:
+        index = (layers_per_block + 1) * int(match["block"]) + int(match["layer"])
+        block = f"input_blocks.{index + 1}.1." if match["side"] == "down" else f"output_blocks.{index}.1."
+    return block + module[match.end():]
+
+
 def export_lora(
     factors_unet: Mapping[str, tuple[Tensor, Tensor]],
     factors_text: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     format: str = "kohya",
     *,
+    factors_text_2: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    unet_config: Mapping | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
@@ -88,7 +125,10 @@ def export_lora(
     """A standard LoRA state dict of one style from share.export_style factors (ΔW = B Aᵀ).
 
     format "kohya" (A1111/ComfyUI: lora_unet_…/lora_te_… with lora_down, lora_up, alpha) or
-    "diffusers" (PEFT: unet.…/text_encoder.… with lora_A, lora_B). Every layer gets the same
+    "diffusers" (PEFT: unet.…/text_encoder.… with lora_A, lora_B). factors_text_2 are SDXL's
+    second text encoder's (text_encoder_2.…, kohya lora_te2_…). With an SDXL UNet's config
+    (unet_config), kohya files take kohya sd-scripts' SDXL names: lora_unet_input_blocks_…
+    (sgm_unet_name) and lora_te1_/lora_te2_. Every layer gets the same
     rank (default: the largest; smaller layers are zero-padded, which leaves ΔW unchanged) and
     the same alpha (default: alpha = rank, i.e. scale 1), so every loader applies one
     alpha/rank and ΔW comes out exactly. Another alpha (kohya only: diffusers files carry none)
@@ -100,9 +140,9 @@ def export_lora(
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    factors_text = factors_text or {}
+    factors_text, factors_text_2 = factors_text or {}, factors_text_2 or {}
     widths = []
-    for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items()]:
+    for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items(), *factors_text_2.items()]:
         if factor_b.dim() != 2 or factor_a.dim() != 2 or factor_b.shape[1] != factor_a.shape[1]:
             shapes = f"{tuple(factor_b.shape)}, {tuple(factor_a.shape)}"
             raise ValueError(f"{name}: factors must be B (d_out×r) and A (d_in×r), got {shapes}")
@@ -119,15 +159,19 @@ def export_lora(
     if format == "diffusers" and alpha != rank:
         raise ValueError("the diffusers format stores no alpha (loaders use alpha = rank); set alpha only for kohya")
     up_scale = rank / alpha  # the loader multiplies by alpha / rank
+    sdxl = unet_config is not None and architecture(family_from_configs(unet_config)) == SDXL
+    if format == "kohya" and sdxl:
+        factors_unet = {sgm_unet_name(name, unet_config["layers_per_block"]): f for name, f in factors_unet.items()}
 
-    pack = StableDiffusionPipeline.pack_weights
-    state = pack(_peft_layers(factors_unet, rank, up_scale, dtype, text=False), StableDiffusionPipeline.unet_name)
-    state |= pack(_peft_layers(factors_text, rank, up_scale, dtype, text=True), StableDiffusionPipeline.text_encoder_name)
+    state = {}
+    for component, factors, text in (("unet", factors_unet, False), ("text_encoder", factors_text, True),
+                                     ("text_encoder_2", factors_text_2, True)):
+        state |= StableDiffusionPipeline.pack_weights(_peft_layers(factors, rank, up_scale, dtype, text), component)
     if format == "diffusers":
         return state
     kohya = {}
     for key, value in convert_state_dict_to_kohya(state).items():
-        if key.startswith("lora_te1_"):
+        if key.startswith("lora_te1_") and not sdxl:
             key = "lora_te_" + key.removeprefix("lora_te1_")
         if key.endswith(".alpha"):
             value = torch.tensor(alpha, dtype=torch.float32)
@@ -402,21 +446,21 @@ def kept_report(lost: list[tuple[str, str, float | None]], kept: dict[str, float
     return energy, warnings
 
 
-def read_lora(
+def read_lora_components(
     source: str | os.PathLike | Mapping[str, Tensor],
-    unet: nn.Module,
-    text_encoder: nn.Module | None = None,
-) -> tuple[Factors, Factors, dict]:
+    models: Mapping[str, nn.Module | None],
+) -> tuple[dict[str, Factors], dict]:
     """Import a standard LoRA (.safetensors file or state dict, kohya or diffusers/PEFT format).
 
-    Returns (factors_unet, factors_text, info): {Share layer name: (B d_out×r, A d_in×r)} with
+    models: {component: model} of LORA_COMPONENTS (unet, text_encoder, and SDXL's text_encoder_2).
+    Returns ({component: factors}, info), factors {Share layer name: (B d_out×r, A d_in×r)} with
     ΔW = B Aᵀ and the LoRA's alpha/r (from .alpha keys or diffusers' LoraConfig metadata)
-    folded into B, ready for share.add_style. Shapes are checked against the layers of `unet`
-    and `text_encoder` (their Share layers; without any, share.UNET_LORA_MODULES and
-    CLIP_LORA_MODULES: attention, proj_in/out, feed-forward, CLIP's MLP).
+    folded into B, ready for share.add_style; every component of LORA_COMPONENTS is there,
+    empty where the file has none. Shapes are checked against each model's layers (its Share
+    layers; without any, DEFAULT_TARGETS: attention, proj_in/out, feed-forward, CLIP's MLP).
     info: format, layers (imported), rank (largest), skipped ({LoRA layer: why} for layers
-    Share does not adapt, e.g. 3×3 convs or LoHa; text-encoder layers when text_encoder is
-    None), skipped_count, kept ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some
+    Share does not adapt, e.g. 3×3 convs or LoHa; the layers of a component without a model),
+    skipped_count, kept ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some
     lost energy is unknown, layers_lost}}), warnings (one line per component under
     KEPT_WARNING: what was lost and why), metadata (the file's). Raises LoraFormatError for
     pickle or unreadable files, files without LoRA keys, DoRA, and LoRA layers that do not fit.
@@ -428,12 +472,22 @@ def read_lora(
         state, metadata = _read_safetensors(path)
         label = path.name
     try:
-        return _read(state, metadata, unet, text_encoder)
+        return _read(state, metadata, models)
     except LoraFormatError as error:
         raise LoraFormatError(f"{label}: {error}") from None
 
 
-def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, text_encoder: nn.Module | None):
+def read_lora(
+    source: str | os.PathLike | Mapping[str, Tensor],
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+) -> tuple[Factors, Factors, dict]:
+    """read_lora_components for a UNet and one text encoder: (factors_unet, factors_text, info)."""
+    factors, info = read_lora_components(source, {"unet": unet, "text_encoder": text_encoder})
+    return factors["unet"], factors["text_encoder"], info
+
+
+def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module | None]):
     keys = list(state)
     if any(marker in key for key in keys for marker in _DORA_MARKERS):
         raise LoraFormatError(
@@ -444,20 +498,19 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
     skipped: dict[str, str] = {}
     lost: list[tuple[str, str, float | None]] = []  # (component, why, ‖ΔW‖²) of each layer left out
     if format == "kohya":
-        components, configs = _kohya_to_peft(state, getattr(unet, "config", None), skipped, lost), {}
+        components, configs = _kohya_to_peft(state, getattr(models["unet"], "config", None), skipped, lost), {}
     else:
         configs = _adapter_configs(metadata)
         if any(getattr(c, "use_dora", False) for c in configs.values()):
             raise LoraFormatError("a DoRA LoRA (use_dora): its ΔW depends on the base weight, so Share cannot import it")
         components = _split_components(state, skipped)
 
-    models = {"unet": (unet, share.UNET_LORA_MODULES), "text_encoder": (text_encoder, share.CLIP_LORA_MODULES)}
-    result: dict[str, Factors] = {"unet": {}, "text_encoder": {}}
+    result: dict[str, Factors] = {component: {} for component in LORA_COMPONENTS}
     misfits, ranks, kept = [], [], {}
     for component, peft_state in components.items():
         modules = _module_layers(component, peft_state, skipped)
-        model, defaults = models.get(component, (None, ()))
-        layers, target_suffixes = _targets(model, defaults) if model is not None else ({}, ())
+        model = models.get(component)
+        layers, target_suffixes = _targets(model, DEFAULT_TARGETS[component]) if model is not None else ({}, ())
         by_name = {name.removeprefix(TEXT_MODEL_PREFIX): name for name in layers}
         for module, fields in modules.items():
             where = f"{component}.{module}"
@@ -479,7 +532,7 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
             if name is None:
                 if model is None:
                     why = "no text encoder given" if component == "text_encoder" else \
-                        f"{component} is not part of a Stable Diffusion 1.x model"
+                        "no second text encoder (text_encoder_2) given"
                 elif share.matches(module, target_suffixes):
                     misfits.append(f"{where} is not in this model")
                     continue
@@ -515,4 +568,4 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
         "skipped_count": len(skipped),
         "metadata": metadata,
     }
-    return result["unet"], result["text_encoder"], info
+    return result, info

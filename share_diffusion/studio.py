@@ -24,6 +24,7 @@ from . import share
 from .drift import StyleDrift, allowance, check_budgets, merge_outcome, record_merge
 from .images import ImageSet, load_training_images
 from .library import (
+    STORED_COMPONENTS,
     LibraryError,
     LibraryLock,
     StyleLibrary,
@@ -38,7 +39,7 @@ from .library import (
 )
 from .checkpoints import CheckpointMismatch, TrainingCheckpoint, training_digest
 from .devices import distributed_state, launched_distributed, main_process_verdict
-from .lora_interop import export_lora, read_lora, save_lora
+from .lora_interop import export_lora, read_lora_components, save_lora
 from .errors import first_line
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
@@ -74,7 +75,7 @@ class MergeReport:
     bytes_before: int
     bytes_after: int
     #: per LoRA file: {"kept": {component: {kept, bound, layers_lost}}, "warnings": [...], "skipped_count"}
-    #: (lora_interop.read_lora); a warning for each component that kept under 99.9% of its ΔW energy
+    #: (lora_interop.read_lora_components); a warning for each component that kept under 99.9% of its ΔW energy
     files: dict[str, dict] = field(default_factory=dict)
 
     @property
@@ -138,14 +139,15 @@ class Studio:
             )
 
     def _models(self) -> dict[str, torch.nn.Module]:
-        """The pipeline's components that hold Share layers: the UNet, and the text encoder where
-        it has layers of the library's targets (SDXL's second text encoder is not adapted yet)."""
+        """The pipeline's components that hold Share layers: the UNet, and each text encoder (SDXL
+        has two) where it has layers of the library's targets."""
         models = {"unet": self.pipe.unet}
-        text_encoder = getattr(self.pipe, "text_encoder", None)
-        targets = tuple(self.library.meta["target_modules"]["text_encoder"])
-        if text_encoder is not None and targets and (share.share_layers(text_encoder) or any(
-                share.adaptable(m) and share.matches(n, targets) for n, m in text_encoder.named_modules())):
-            models["text_encoder"] = text_encoder
+        for component in ("text_encoder", "text_encoder_2"):
+            text_encoder = getattr(self.pipe, component, None)
+            targets = tuple(self.library.meta["target_modules"][component])
+            if text_encoder is not None and targets and (share.share_layers(text_encoder) or any(
+                    share.adaptable(m) and share.matches(n, targets) for n, m in text_encoder.named_modules())):
+                models[component] = text_encoder
         return models
 
     def _attach(self) -> None:
@@ -443,8 +445,7 @@ class Studio:
             except LibraryError as error:
                 if "not a Share Studio style library" not in str(error):
                     raise
-                factors_unet, factors_text, info = read_lora(path, models["unet"], models.get("text_encoder"))
-                factors = {"unet": factors_unet, "text_encoder": factors_text}
+                factors, info = read_lora_components(path, models)
                 files[path.name] = {k: info[k] for k in ("kept", "warnings", "skipped_count")}
                 name = style_name_from(path.stem)
                 incoming.append((name, default_trigger(name), factors, {"imported": f"LoRA {path.name}"}))
@@ -553,10 +554,12 @@ class Studio:
 
     def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
         record = self.library.style(name)
-        factors_unet, factors_text = (library_style_factors(self.library, record["id"], c) for c in ("unet", "text_encoder"))
+        factors = {c: library_style_factors(self.library, record["id"], c) for c in STORED_COMPONENTS}
+        state = export_lora(factors["unet"], factors["text_encoder"], format=format, factors_text_2=factors["text_encoder_2"],
+                            unet_config=self.pipe.unet.config)
         out = Path(out)
-        save_lora(out, export_lora(factors_unet, factors_text, format=format), metadata={"style": name, "trigger": record["trigger"],
-                                                                       "base_model": self.library.meta["base_model"]["id"]})
+        save_lora(out, state, metadata={"style": name, "trigger": record["trigger"],
+                                        "base_model": self.library.meta["base_model"]["id"]})
         return out
 
 
