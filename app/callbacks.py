@@ -445,7 +445,7 @@ class StudioCallbacks:
 
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
-              seed=0, flip=True, progress=gr.Progress()) -> Iterator[tuple]:
+              seed=0, flip=True, text_encoder_lr=0.0, progress=gr.Progress()) -> Iterator[tuple]:
         """Stream (status, live previews, before/after gallery, error rows) while a style trains."""
         studio = self._require_studio()
         name = check_style_name(name)
@@ -463,6 +463,7 @@ class StudioCallbacks:
             preview_every=_number(preview_every, int) or 0,
             seed=_number(seed, int),
             flip=bool(flip),
+            text_encoder_lr=_number(text_encoder_lr, float),
         )
         for label, value in (("steps", config.steps), ("rank", config.rank), ("batch size", config.batch_size)):
             if value < 1:

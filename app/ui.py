@@ -134,6 +134,8 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 with gr.Row():
                     c["steps"] = gr.Number(value=quick.steps, precision=0, minimum=1, label="Steps", elem_id="train-steps")
                     c["learning_rate"] = gr.Number(value=quick.learning_rate, minimum=0, label="Learning rate")
+                    c["text_encoder_lr"] = gr.Number(value=quick.text_encoder_lr, minimum=0, elem_id="train-text-encoder-lr",
+                                                     label="Text-encoder learning rate (0 = frozen)")
                 with gr.Row():
                     c["rank"] = gr.Number(value=quick.rank, precision=0, minimum=1, label="Rank (per style)")
                     c["batch_size"] = gr.Number(value=quick.batch_size, precision=0, minimum=1, label="Batch size",
@@ -263,7 +265,7 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
 
         gen["refresh"].click(cb.refresh_styles, inputs=selections, outputs=selections, api_visibility="private")
         train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "batch_size",
-                                           "preview_every", "seed", "flip")]
+                                           "preview_every", "seed", "flip", "text_encoder_lr")]
         after(train["train"].click(cb.train, inputs=train_inputs,
                                    outputs=[train["status"], train["previews"], train["comparison"], train["errors"]],
                                    concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_name="train"))

@@ -47,8 +47,8 @@ from .library import check_family
 from .loading import model_info
 from .latent_cache import encoding_vae
 from .style_measure import Estimate, StyleMeasure, vae_round_trip
-from .training import (TrainingConfig, TrainingProgress, aspect_buckets, train_style, training_config, training_unet,
-                       with_trigger)
+from .training import (TrainingConfig, TrainingProgress, aspect_buckets, copy_sharing_weights, train_style,
+                       training_config, with_trigger)
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
 CLASH_POLICIES = ("rename", "replace", "skip", "error")
@@ -315,7 +315,9 @@ class Studio:
         An interrupted training of the same name (checkpoints.py) is continued when `resume` is
         True (and must exist), discarded when False, and continued when None if it was made with
         the same settings and images (else discarded). Under `accelerate launch`, every process
-        trains its share of each batch and only the main one writes the library.
+        trains its share of each batch and only the main one writes the library. With
+        config.text_encoder_lr > 0 the adapted text encoders learn the style too, and every trained
+        model's part is merged in the one merge step.
         """
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
@@ -332,8 +334,10 @@ class Studio:
             # The main process says whether it could open the library for the change; then all train.
             if (refusal := main_process_verdict()) is not None:
                 raise LibraryError(f"the main process stopped: {refusal}")
+            unet, text_encoders = self._training_copies(config)
             try:
-                train_style(self.pipe, training_unet(self.pipe), image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint)
+                train_style(self.pipe, unet, image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint,
+                            text_encoders=text_encoders)  # fmt: skip
             finally:
                 processes.wait_for_everyone()  # until the main process has saved the library
             return TrainResult(name, {}, {}, image_set.rejected, resumed_from=resumed_from)
@@ -349,20 +353,25 @@ class Studio:
             record = self._new_record(
                 name, trigger, images=len(image_set.images), steps=config.steps, preset=preset,
                 sample_prompt=with_trigger("", trigger), training={"learning_rate": config.learning_rate,
+                                                                   "text_encoder_lr": config.text_encoder_lr,
                                                                    "rank": config.rank,
                                                                    "batch_size": config.batch_size, "seed": config.seed},
             )
-            with self._merge_lock:
-                unet = training_unet(self.pipe)
-            trained = train_style(self.pipe, unet, image_set, record["id"], trigger, config,
-                                  progress=progress, preview=preview, cancel=cancel, checkpoint=checkpoint)
-            style_id, factors, scale = share.take_trained_style(trained)
-            record["rank"] = max((b.shape[1] for b, _ in factors.values()), default=0)
-            with self._merge_lock:  # the text encoder is the pipeline's own: it gets the style with ΔW = 0
-                outcome = self._merge(self._models() | {"unet": trained}, {style_id: ({"unet": factors}, scale)},
-                                      [record], "train")
-                share.load_share_state_dict(self.pipe.unet, share.share_state_dict(trained))
-                share.set_active_styles(self.pipe.unet, None)
+            unet, text_encoders = self._training_copies(config)
+            trained = {"unet": train_style(self.pipe, unet, image_set, record["id"], trigger, config, progress=progress,
+                                           preview=preview, cancel=cancel, checkpoint=checkpoint, text_encoders=text_encoders),
+                       **text_encoders}  # fmt: skip
+            taken = {component: share.take_trained_style(model) for component, model in trained.items()}
+            # Every trained layer has the same scale: alpha (the library's) over the rank (the config's).
+            style_id, _, scale = taken["unet"]
+            factors = {component: layer_factors for component, (_, layer_factors, _) in taken.items()}
+            record["rank"] = max((b.shape[1] for part in factors.values() for b, _ in part.values()), default=0)
+            with self._merge_lock:  # a model that did not train is the pipeline's own: it gets the style with ΔW = 0
+                models = self._models()
+                outcome = self._merge(models | trained, {style_id: (factors, scale)}, [record], "train")
+                for component, model in trained.items():
+                    share.load_share_state_dict(models[component], share.share_state_dict(model))
+                    share.set_active_styles(models[component], None)
             before = {d.name: d.before for d in outcome if d.id != style_id}
             after = {d.name: d.after for d in outcome if d.id != style_id}
             self._capture()
@@ -381,6 +390,14 @@ class Studio:
         if config.strength_previews:
             result.strength = self.style_strength(name, image_set, config.strength_previews)
         return result
+
+    def _training_copies(self, config: TrainingConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+        """Copies of the UNet and, when config.text_encoder_lr > 0, of the adapted text encoders, that
+        share the frozen weights: a style trains on them while the pipeline keeps generating."""
+        with self._merge_lock:
+            models = self._models()
+            text_encoders = {c: model for c, model in models.items() if c != "unet"} if config.text_encoder_lr > 0 else {}
+            return copy_sharing_weights(models["unet"]), {c: copy_sharing_weights(m) for c, m in text_encoders.items()}
 
     def interrupted_training(self, name: str) -> int | None:
         """The step at which a training of style `name` was interrupted, if one can be resumed
