@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from . import share
 from .drift import StyleDrift, allowance, check_budgets, merge_outcome, record_merge
@@ -52,6 +53,8 @@ from .training import (TrainingConfig, TrainingProgress, aspect_buckets, copy_sh
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
 CLASH_POLICIES = ("rename", "replace", "skip", "error")
+#: Seed of the previews of a style before and after a merge (DriftPreview).
+PREVIEW_SEED = 0
 
 
 @dataclass
@@ -62,6 +65,18 @@ class TrainResult:
     rejected: list = field(default_factory=list)  # images that could not be used, with reasons
     strength: Estimate | None = None  # how far previews moved toward the user's own images (style_measure)
     resumed_from: int | None = None  # the step an interrupted training was continued from
+
+
+@dataclass
+class DriftPreview:
+    """A style drawn as it is (before) and as a merge would leave it (after): its sample prompt,
+    the same seed, the model's default steps and guidance (Studio.generate)."""
+
+    drift: StyleDrift
+    prompt: str
+    seed: int = PREVIEW_SEED
+    before: Image.Image | None = None
+    after: Image.Image | None = None
 
 
 @dataclass
@@ -77,6 +92,14 @@ class MergeReport:
     #: per LoRA file: {"kept": {component: {kept, bound, layers_lost}}, "warnings": [...], "skipped_count"}
     #: (lora_interop.read_lora_components); a warning for each component that kept under 99.9% of its ΔW energy
     files: dict[str, dict] = field(default_factory=dict)
+    committed: bool = True  # False: a dry run, nothing was written
+    previews: list[DriftPreview] = field(default_factory=list)  # the most drifted earlier styles, worst first
+
+    @property
+    def drifting(self) -> list[StyleDrift]:
+        """The styles the merge cuts (a size limit forces it; float rounding alone is no cut), the
+        most drifted first."""
+        return sorted((d for d in self.drifts if d.cut), key=lambda d: -d.after)
 
     @property
     def warnings(self) -> list[str]:
@@ -264,8 +287,8 @@ class Studio:
                action: str, refuse: bool = True) -> list[StyleDrift]:
         """Merge new styles {id: ({component: factors}, scale)} into `models` {component: model} in one
         step (one SVD per layer over all of them), after checking that no style drifts past its budget
-        (drift.py; refuse=False: only report it, for a dry run), and record every style's error. A
-        component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
+        (drift.py; refuse=False: only report it, for the caller to decide), and record every style's
+        error. A component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
         meta = self.library.meta
         ids = share.style_ids(models["unet"]) + list(new)
         records = {r["id"]: r for r in [*meta["styles"], *new_records]}
@@ -442,14 +465,33 @@ class Studio:
 
     def import_with_report(self, paths: list, on_clash: str = "rename") -> MergeReport:
         """import_files, returning its MergeReport: with each LoRA file's kept energy and warnings."""
-        return self._import(paths, on_clash, commit=True)
+        return self._import(paths, on_clash, commit=lambda report: True)
 
     def check_import(self, paths: list, on_clash: str = "rename") -> MergeReport:
         """What import_files would do (names, every style's error after, basis rank and file size
         before and after), computed in full and then rolled back: nothing is written."""
-        return self._import(paths, on_clash, commit=False)
+        return self._import(paths, on_clash, commit=lambda report: False)
 
-    def _import(self, paths: list, on_clash: str, commit: bool) -> MergeReport:
+    def import_unless_drifting(self, paths: list, on_clash: str = "rename", previews: int = 0) -> MergeReport:
+        """import_with_report if the merge adds styles and cuts none; else check_import (nothing is
+        written, report.committed is False) with up to `previews` of the most drifted earlier styles
+        drawn before and after the merge, for the user to confirm with import_files or to drop."""
+        return self._import(paths, on_clash, commit=lambda report: bool(report.names) and not report.drifting,
+                            previews=previews)
+
+    def sample_prompt(self, name: str) -> str:
+        """The prompt a style is shown with: the one it was learned with, else its trigger alone."""
+        record = self.library.style(name)
+        return record.get("sample_prompt") or with_trigger("", record["trigger"])
+
+    def _draw(self, preview: DriftPreview) -> Image.Image:
+        return self.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0]
+
+    def _import(self, paths: list, on_clash: str, commit: Callable[[MergeReport], bool],
+                previews: int = 0) -> MergeReport:
+        """The merge of `paths`, kept if commit(report), else rolled back (report.committed False)
+        with `previews` of the most drifted earlier styles: the after images are drawn in the
+        merged state before the rollback, the before images after it."""
         if on_clash not in CLASH_POLICIES:
             raise ValueError(f"on_clash must be one of {CLASH_POLICIES}")
         incoming, files = [], {}
@@ -495,19 +537,27 @@ class Studio:
             drifts = []
             if new:
                 with self._merge_lock:
-                    drifts = self._merge(models, new, records, "import", refuse=commit)
+                    drifts = self._merge(models, new, records, "import", refuse=False)  # refused below, if kept
                     for model in models.values():
                         share.set_active_styles(model, None)
             self._capture()
             report = MergeReport([r["name"] for r in records], drifts, rank_before, self.library.basis_rank(),
                                  bytes_before, len(self.library.to_bytes()), files)
-            if not commit:
-                raise _DryRun(report)
-            return report
+            if commit(report):
+                check_budgets(drifts, self.library.meta["share"]["max_basis_rank"])
+                return report
+            report.committed = False
+            earlier = [d for d in report.drifting if d.name not in report.names]
+            report.previews = [DriftPreview(d, self.sample_prompt(d.name)) for d in earlier[:previews]]
+            for preview in report.previews:
+                preview.after = self._draw(preview)
+            raise _DryRun(report)
 
         try:
             return self._transaction(change)
-        except _DryRun as dry_run:
+        except _DryRun as dry_run:  # the library is as it was again
+            for preview in dry_run.report.previews:
+                preview.before = self._draw(preview)
             return dry_run.report
 
     def _remove(self, name: str) -> None:
