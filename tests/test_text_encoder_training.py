@@ -4,10 +4,7 @@ exports with both parts and resumes exactly. On the tiny random pipelines."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -26,7 +23,7 @@ from share_diffusion.loading import load_pipeline
 from share_diffusion.studio import Studio, library_style_factors
 from share_diffusion.training import (TrainingCancelled, TrainingConfig, TrainingFailed, copy_sharing_weights,
                                       native_resolution, train_style, training_unet)
-from tests.test_distributed import ROOT, single_config, write_pictures
+from tests.test_distributed import single_config, train_in_two_processes, write_pictures
 from tests.tiny_families import build_tiny_sdxl_pipeline
 
 CONFIG = TrainingConfig(steps=6, batch_size=2, learning_rate=1e-2, text_encoder_lr=1e-2, strength_previews=0,
@@ -129,14 +126,7 @@ def assert_same_style(first: dict, second: dict, tolerance: float) -> None:
 def test_two_cpu_processes_train_the_text_encoder_as_one_process_does_with_the_same_total_batch(tiny_pipeline_dir, tmp_path):
     pictures = write_pictures(tmp_path / "pictures")
     library = tmp_path / "library.safetensors"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29518", "-m", "share_diffusion",
-              "train", "--library", str(library), "--name", "grain", "--images", str(pictures), "--model", str(tiny_pipeline_dir),
-              "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--text-encoder-lr", "1e-2", "--strength-previews", "0"]  # fmt: skip
-    # About 40 s on 2 idle cores; the limit only stops a hang (2 gloo processes crawl on a loaded machine).
-    run = subprocess.run(launch, env=environment, capture_output=True, text=True, timeout=1800)
-    assert run.returncode == 0, run.stderr[-3000:]
+    train_in_two_processes(tiny_pipeline_dir, pictures, library, 29518, "--text-encoder-lr", "1e-2")
 
     single = new_studio(tiny_pipeline_dir, tmp_path / "single.safetensors")
     config = TrainingConfig(**{**single_config(single).__dict__, "steps": 6, "batch_size": 4, "learning_rate": 1e-2,
