@@ -32,6 +32,7 @@ import datetime
 import platform
 import sys
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -71,16 +72,20 @@ def random_images(count: int, side: int, seed: int = 0):
 
 
 class StepTimes:
-    """A progress callback for training.fit: the elapsed seconds at the end of each step."""
+    """A progress callback for training.fit: the elapsed seconds at the end of each step, and the
+    process's CPU seconds (all threads; for a CPU benchmark on a machine that runs other work)."""
 
     def __init__(self):
         self.elapsed: list[float] = []
+        self.cpu: list[float] = []
 
     def __call__(self, progress) -> None:
         self.elapsed.append(progress.elapsed)
+        self.cpu.append(time.process_time())
 
-    def seconds_per_step(self, warmup: int) -> float:
-        return (self.elapsed[-1] - self.elapsed[warmup - 1]) / (len(self.elapsed) - warmup)
+    @staticmethod
+    def per_step(times: list[float], warmup: int) -> float:
+        return (times[-1] - times[warmup - 1]) / (len(times) - warmup)
 
 
 def measure_training(train, device: torch.device, warmup: int = WARMUP_STEPS) -> tuple[dict, object]:
@@ -93,7 +98,8 @@ def measure_training(train, device: torch.device, warmup: int = WARMUP_STEPS) ->
     times = StepTimes()
     trained = train(times)
     peak = peak_memory(device)
-    return dict(seconds_per_step=times.seconds_per_step(warmup), peak_gib=peak, held_before_gib=held), trained
+    seconds, cpu_seconds = times.per_step(times.elapsed, warmup), times.per_step(times.cpu, warmup)
+    return dict(seconds_per_step=seconds, cpu_seconds_per_step=cpu_seconds, peak_gib=peak, held_before_gib=held), trained
 
 
 def trainable_parameters(module: torch.nn.Module) -> int:
@@ -271,8 +277,6 @@ def main(argv: list[str] | None = None) -> None:
     if steps <= WARMUP_STEPS:
         parser.error(f"--steps must be more than the {WARMUP_STEPS} warm-up steps")
     require_cuda()
-
-    import time
 
     from benchmarks.perf import quiet_libraries
     from benchmarks.random_pipeline import random_pipeline

@@ -10,7 +10,8 @@ on the CPU: about 3.5 billion parameters, 14 GB. What is measured does not depen
             same rank on the same targets, every UNet attention projection (benchmarks.gpu's
             compare_training: both in training.fit, on the same batches), with SDXL's quick preset
             (batch 1, gradient checkpointing), float32, at 512×512 (--quick: 128×128); two steps
-            each, the first not timed. The time ratio and the trainable parameters.
+            each, the first not timed. The time ratios (wall and CPU time; on a machine that
+            runs other work, use --threads 1 and read CPU time) and the trainable parameters.
   merge     what a library does when a training ends (Studio._merge: share.plan_merge on every
             Share layer of the UNet and both text encoders, a library's targets), with T = 10
             rank-4 styles on every UNet attention projection, each layer's from benchmarks/merge.py's
@@ -205,13 +206,15 @@ def markdown_report(results: dict) -> str:
     ours, lora = training["share"], training["lora"]
     side = training["resolution"]
     parameters = ", ".join(f"{name} {count / 1e6:,.0f} M" for name, count in results["parameters"].items())
+    phases = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in results["phase_seconds"].items())
     training_rows = [
-        "| method | trainable parameters | s/step |",
-        "|---|---:|---:|",
-        f"| Share style, rank {STYLE_RANK} | {ours['trainable_parameters']:,} | {ours['seconds_per_step']:.1f} |",
-        f"| PEFT LoRA, rank {STYLE_RANK} | {lora['trainable_parameters']:,} | {lora['seconds_per_step']:.1f} |",
+        "| method | trainable parameters | s/step | CPU s/step |",
+        "|---|---:|---:|---:|",
+        *(f"| {label}, rank {STYLE_RANK} | {t['trainable_parameters']:,} | {t['seconds_per_step']:.1f} "
+          f"| {t['cpu_seconds_per_step']:.1f} |" for label, t in (("Share style", ours), ("PEFT LoRA", lora))),
         f"| **Share / LoRA** | **{ours['trainable_parameters'] / lora['trainable_parameters']:.3f}** "
-        f"| **{ours['seconds_per_step'] / lora['seconds_per_step']:.3f}** |",
+        f"| **{ours['seconds_per_step'] / lora['seconds_per_step']:.3f}** "
+        f"| **{ours['cpu_seconds_per_step'] / lora['cpu_seconds_per_step']:.3f}** |",
     ]
     layers = merge["share_layers"]
     merge_rows = [
@@ -242,12 +245,14 @@ def markdown_report(results: dict) -> str:
         f"`{results['command']}`",
         f"Date {results['date']}; CPU ({environment['machine']}, {environment['cpus']} cores), torch {environment['torch']}, "
         f"{environment['threads']} torch threads, diffusers {environment['diffusers']}, peft {environment['peft']}; wall "
-        f"time {results['seconds_total']:.0f} s; peak resident memory {results['peak_rss_mib'] / 1024:.1f} GiB.",
+        f"time {results['seconds_total']:.0f} s ({phases}); peak resident memory {results['peak_rss_mib'] / 1024:.1f} GiB.",
         f"SDXL base architecture with random weights (benchmarks/random_pipeline.py), float32: {parameters} parameters.",
         "## Training step",
         f"benchmarks.gpu.compare_training: training.fit for both on the same batches, {TRAINING_STEPS} steps each, the "
         f"first not timed; {side}×{side}, batch {training['batch_size']}{checkpointing}, float32, rank {STYLE_RANK} on "
-        f"every UNet attention projection; {TRAINING_IMAGES} images of random pixels, their latents encoded beforehand.",
+        f"every UNet attention projection; {TRAINING_IMAGES} images of random pixels, their latents encoded beforehand. "
+        "s/step: wall time; CPU s/step: the process's CPU time, summed over its threads. With one thread it is what "
+        "the step costs however busy the machine is; with more, threads that wait for a descheduled one spin, and count.",
         "\n".join(training_rows),
         f"## Merge, T = {merge['styles']}",
         "share.plan_merge on every Share layer of the three models (a library's targets), as Studio merges a trained "
@@ -256,9 +261,10 @@ def markdown_report(results: dict) -> str:
         "against the style as given.",
         "\n".join(merge_rows),
         "## Library bytes",
-        f"float32 tensors, no headers. Library: share_state_dict of the three models. LoRA files: the kohya files "
-        f"export_lora writes of the same styles (float32; an fp16 file is half), T of them. k and drift: the stream merged "
-        "with no size limit on one layer per attention shape.",
+        "float32 tensors, no headers. Library: what share_state_dict stores on every Share layer of the three models "
+        "(basis, each style's loadings at its rank and its scale), counted from the shapes. LoRA files: T kohya files of "
+        "the same styles as export_lora writes them (float32; an fp16 file is half). k and drift: the stream merged with "
+        "no size limit on one layer per attention shape.",
         "\n".join(bytes_rows),
         f"Every drift is {exact} float rounding ({share.EXACT:g}): the merges keep every style exactly while k can grow "
         f"(no size limit), largest drift {drift_max:.1e}.",
@@ -269,7 +275,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"train at {RESOLUTION[True]}×{RESOLUTION[True]}, time the "
                         "merge once: a smoke run (the same 14 GB model)")  # fmt: skip
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's default; "
+                        "1 on a machine that runs other work, so that CPU s/step stays what a step costs)")  # fmt: skip
     add_output_option(parser, "sdxl")
     args = parser.parse_args(argv)
     if args.threads:
@@ -283,17 +290,26 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks.random_pipeline import random_pipeline
 
     started = time.perf_counter()
+    phase_seconds, mark = {}, started
+
+    def phase_done(name: str) -> None:
+        nonlocal mark
+        phase_seconds[name], mark = time.perf_counter() - mark, time.perf_counter()
+        print(f"{name}: {phase_seconds[name]:.0f} s", flush=True)
+
     quiet_libraries()
     command = "python -m benchmarks.sdxl" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     print(command, flush=True)
     pipe = random_pipeline(CONFIG)
-    print(f"built {CONFIG} in {time.perf_counter() - started:.0f} s", flush=True)
+    phase_done("build")
     training = measure_training(pipe, RESOLUTION[args.quick])
+    phase_done("training")
     models = library_models(pipe)
     styles = streamed_styles(models["unet"], MERGED_STYLES)
-    print(f"merging {MERGED_STYLES} styles ...", flush=True)
     merge = merge_library(models, styles, MERGE_REPEATS[args.quick])
+    phase_done("merge")
     table = compare_bytes(models, styles[0], STYLE_COUNTS)
+    phase_done("bytes")
     results = dict(
         command=command,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -308,6 +324,7 @@ def main(argv: list[str] | None = None) -> None:
         merge_repeats=MERGE_REPEATS[args.quick],
         bytes=table,
         peak_rss_mib=peak_rss_mib(),
+        phase_seconds=phase_seconds,
         seconds_total=time.perf_counter() - started,
     )
     markdown = markdown_report(results)
