@@ -23,6 +23,16 @@ artefacts too. Then
                    falls again for a style pushed past them, and below 0 for images that moved
                    elsewhere. Reported next to S, never instead of it.
   distribution     1 − MMD²(G, R) / MMD²(B, R), unbiased MMD² under a Gaussian kernel (as KID).
+
+S is not specific to a style: styles that share a tint, a texture or a dark border move images
+along much of the same way, so another style's images score well above 0. StyleSpace tells the
+known styles apart: with each style t's way d_{t,i} = f(r_{t,i}) − f(b_i),
+
+  specific strength  S*_s = c_s,  c = argmin_c Σ_i ‖f(g_i) − f(b_i) − Σ_t c_t d_{t,i}‖²
+                     the change written as one mix of all known styles, a weight per style shared
+                     by all prompts: 1 for a style's references and 0 for any other style's,
+                     whatever they share. By Frisch–Waugh–Lovell, S*_s is S measured along the part
+                     of s's way that no other style's way explains.
 """
 
 from __future__ import annotations
@@ -135,10 +145,31 @@ def feature_groups(images, batch_size: int = 256) -> dict[str, Tensor]:
 
 def bootstrap(statistic, count: int, seed: int = 0) -> tuple[float, float]:
     """95% percentile interval of statistic(indices) over resamples of range(count)."""
-    generator = torch.Generator().manual_seed(seed)
-    indices = torch.randint(0, count, (BOOTSTRAP_RESAMPLES, count), generator=generator)
-    values = statistic(indices)
-    return float(values.quantile(0.025)), float(values.quantile(0.975))
+    low, high = bootstrap_rows(statistic, count, seed)
+    return float(low), float(high)
+
+
+class Embedding:
+    """f: feature groups centred and scaled by their spread over the given sets of images, together."""
+
+    def __init__(self, image_sets: list[dict[str, Tensor]]):
+        self.centre, self.spread = {}, {}
+        for name in image_sets[0]:
+            pooled = torch.cat([groups[name] for groups in image_sets])
+            self.centre[name] = pooled.mean(0)
+            self.spread[name] = (pooled - self.centre[name]).square().mean().sqrt().clamp_min(1e-8)
+
+    def __call__(self, groups: dict[str, Tensor]) -> Tensor:
+        parts = [(groups[n] - self.centre[n]) / self.spread[n] / groups[n].shape[1] ** 0.5 for n in groups]
+        return torch.cat(parts, dim=1)
+
+
+def paired_feature_groups(base, *reference_sets) -> list[dict[str, Tensor]]:
+    """Feature groups of the base images and of each reference set, one image per prompt in each."""
+    sets = [feature_groups(images) for images in (base, *reference_sets)]
+    if len({len(next(iter(groups.values()))) for groups in sets}) != 1:
+        raise ValueError("one reference per base image: they are paired by prompt")
+    return sets
 
 
 class StyleMeasure:
@@ -148,25 +179,15 @@ class StyleMeasure:
     """
 
     def __init__(self, base, references):
-        base_groups, reference_groups = feature_groups(base), feature_groups(references)
-        if len(next(iter(base_groups.values()))) != len(next(iter(reference_groups.values()))):
-            raise ValueError("one reference per base image: they are paired by prompt")
-        self.centre, self.spread = {}, {}
-        for name in base_groups:
-            pooled = torch.cat([base_groups[name], reference_groups[name]])
-            self.centre[name] = pooled.mean(0)
-            self.spread[name] = (pooled - self.centre[name]).square().mean().sqrt().clamp_min(1e-8)
-        self.base = self._embed_groups(base_groups)
-        self.references = self._embed_groups(reference_groups)
+        base_groups, reference_groups = paired_feature_groups(base, references)
+        self.embedding = Embedding([base_groups, reference_groups])
+        self.base = self.embedding(base_groups)
+        self.references = self.embedding(reference_groups)
         self.way = self.references - self.base  # f(r_i) − f(b_i)
         self.way_lengths = self.way.square().sum(1)
 
-    def _embed_groups(self, groups: dict[str, Tensor]) -> Tensor:
-        parts = [(groups[n] - self.centre[n]) / self.spread[n] / groups[n].shape[1] ** 0.5 for n in groups]
-        return torch.cat(parts, dim=1)
-
     def embed(self, images) -> Tensor:
-        embedded = self._embed_groups(feature_groups(images))
+        embedded = self.embedding(feature_groups(images))
         if len(embedded) != len(self.references):
             raise ValueError(f"{len(embedded)} images for {len(self.references)} prompts")
         return embedded
@@ -207,6 +228,54 @@ class StyleMeasure:
             return within(kernel(x, x)) + within(kernel(y, y)) - 2 * kernel(x, y).mean()
 
         return float(1 - mmd(generated, self.references) / mmd(self.base, self.references))
+
+
+class StyleSpace:
+    """Every known style's references in one space: the specific strength S*, style by style.
+
+    base[i] and references[style][i] belong to prompt i; so does images[i].
+    """
+
+    def __init__(self, base, references: dict[str, object]):
+        self.styles = list(references)
+        base_groups, *reference_groups = paired_feature_groups(base, *references.values())
+        self.embedding = Embedding([base_groups, *reference_groups])
+        self.base = self.embedding(base_groups)
+        self.ways = torch.stack([self.embedding(groups) - self.base for groups in reference_groups])  # d_{t,i}
+        self.way_products = torch.einsum("sif,tif->ist", self.ways, self.ways)  # ⟨d_{s,i}, d_{t,i}⟩
+
+    def progress(self, images) -> Tensor:
+        """⟨f(g_i) − f(b_i), d_{t,i}⟩ per prompt i and style t, for the first len(images) prompts."""
+        embedded = self.embedding(feature_groups(images))
+        count = len(embedded)
+        if count > len(self.base):
+            raise ValueError(f"{count} images for {len(self.base)} prompts")
+        return torch.einsum("if,tif->it", embedded - self.base[:count], self.ways[:, :count])
+
+    def mix(self, progress: Tensor, indices: Tensor) -> Tensor:
+        """c for the prompts in indices (…, n): the normal equations Σ_i ⟨d_i, d_iᵀ⟩ c = Σ_i ⟨g_i − b_i, d_i⟩."""
+        products = self.way_products[indices].sum(-3)
+        return torch.linalg.solve(products, progress[indices].sum(-2))
+
+    def specific_strength(self, images) -> dict[str, Estimate]:
+        """S*_s for every known style s, with 95% bootstrap intervals over prompts."""
+        progress = self.progress(images)
+        count = len(progress)
+        everything = self.mix(progress, torch.arange(count))
+        low, high = bootstrap_rows(lambda i: self.mix(progress, i), count)
+        return {s: Estimate(float(everything[t]), float(low[t]), float(high[t]), count) for t, s in enumerate(self.styles)}
+
+    def unique_fraction(self) -> dict[str, float]:
+        """‖the part of d_s no other way explains‖² / ‖d_s‖²: how much of each style is its own."""
+        products = self.way_products.sum(0)
+        return {s: float(1 / (torch.linalg.inv(products)[t, t] * products[t, t])) for t, s in enumerate(self.styles)}
+
+
+def bootstrap_rows(statistic, count: int, seed: int = 0) -> tuple[Tensor, Tensor]:
+    """95% percentile intervals, element by element, of a vector statistic(indices)."""
+    generator = torch.Generator().manual_seed(seed)
+    values = statistic(torch.randint(0, count, (BOOTSTRAP_RESAMPLES, count), generator=generator))
+    return values.quantile(0.025, dim=0), values.quantile(0.975, dim=0)
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks import continual
+from benchmarks import continual, specificity
 from share_diffusion import world
 
 
@@ -105,3 +105,18 @@ def test_tiny_learning_rate_sweep(tiny_pipeline_dir, tiny_results):
         for rate in learning_rates.LEARNING_RATES:  # started and fed alike: the same style
             assert share_scores[rate]["value"] == pytest.approx(lora_scores[rate]["value"], abs=1e-3)
 
+
+
+def test_tiny_run_rescored_by_style_specificity(tiny_results):
+    settings, results = tiny_results
+    saved = {key: (images * 255).round().astype(np.uint8) for key, images in results["_images"].items()}
+    rescored = specificity.run(saved)
+    assert rescored["styles"] == list(settings.styles)
+    assert list(rescored["sweep"]["sepia"]) == ["0", "0.5", "1"] and list(rescored["exact_minus_capped"]["sepia"]) == ["2"]
+    for style in settings.styles:
+        own = rescored["references_rerendered"][style][style]["S*"]
+        other = rescored["references_rerendered"][style][next(s for s in settings.styles if s != style)]["S*"]
+        assert own.count == settings.prompts and own.value > 0.8 and abs(other.value) < 0.2, (own, other)
+        assert rescored["ratio"][style]["S*"].value == pytest.approx(1, abs=1e-2)
+    report = specificity.markdown_report(rescored, "command")
+    assert "| sepia | " in report and "Share / LoRA, paired" in report
