@@ -76,6 +76,39 @@ class Scores:
         return {name: estimate(lambda i, n=name: a[n](i) / b[n](i), len(first)) for name in a}
 
 
+BLENDS = (0.25, 0.5, 0.75, 1.0)
+
+
+def nearest_style(space, style: str) -> str:
+    """The style whose way points most nearly along `style`'s (cosine over all prompts)."""
+    products, t = space.way_products.sum(0), space.styles.index(style)
+    cosine = products[t] / (products.diagonal() * products[t, t]).sqrt()
+    return max((s for s in space.styles if s != style), key=lambda s: float(cosine[space.styles.index(s)]))
+
+
+def known_mixtures(scores: Scores) -> dict:
+    """Pixel blends whose style is known, of each style's re-rendered references: with the base
+    model's images (a from 0 to 1 of the style), and with the nearest style's (a of that style)."""
+    out = {}
+    for style in scores.styles:
+        own = scores.images(f"validation/{style}/references rerendered")
+        near = nearest_style(scores.space, style)
+        other = scores.images(f"validation/{near}/references rerendered")
+        blends = [(1 - a) * scores.base + a * own for a in (0.0, *BLENDS)]
+        steps = [scores.difference(after, before, style) for before, after in zip(blends, blends[1:])]
+        out[style] = {
+            "from_base": {str(a): scores.score(blend, style) for a, blend in zip(BLENDS, blends[1:])},
+            "smallest_step": {name: min((step[name] for step in steps), key=lambda e: e.value) for name in ("S", "S*")},
+            "toward": near,
+            "toward_nearest": {
+                str(a): {"own": scores.score(blend, style)["S*"], "nearest": scores.score(blend, near)["S*"]}
+                for a in BLENDS[:-1]
+                for blend in [(1 - a) * own + a * other]
+            },
+        }
+    return out
+
+
 def estimate(statistic, count: int) -> Estimate:
     low, high = bootstrap_rows(statistic, count)
     return Estimate(float(statistic(torch.arange(count))), float(low), float(high), count)
@@ -96,6 +129,7 @@ def run(saved: dict[str, np.ndarray]) -> dict:
     scores = Scores(saved)
     styles, tuning = scores.styles, [s for s in TUNING_STYLES if s in scores.styles]
     results: dict = {"styles": styles, "tuning_styles": tuning, "unique_fraction": scores.space.unique_fraction()}
+    results["known_mixtures"] = known_mixtures(scores)
     sweeps = {s: scores.sweep(s) for s in tuning}
     results["sweep"] = {s: {w: scores.score(images, s) for w, images in sweep.items()} for s, sweep in sweeps.items()}
     results["sweep_steps"] = {
@@ -138,7 +172,18 @@ def markdown_report(results: dict, command: str) -> str:
         f"Tuning styles: {', '.join(tuning)}; the others only report.", "",
         "How much of each style's way no other style's explains (‖own part‖² / ‖way‖²): "
         + ", ".join(f"{s} {v:.2f}" for s, v in results["unique_fraction"].items()), "",
-        "## Checks of the measure", "",
+        "## Known mixtures: pixel blends of re-rendered references", "",
+        "| style | base → style, a = " + ", ".join(map(str, BLENDS)) + ": S / S* | toward the nearest style, a = "
+        + ", ".join(map(str, BLENDS[:-1])) + ": S* own / S* nearest | smallest step up in a, paired: S / S* |",
+        "|---|---|---|---|",
+    ]
+    for s, mixture in results["known_mixtures"].items():
+        from_base = ", ".join(f"{e['S'].value:.2f} / {e['S*'].value:.2f}" for e in mixture["from_base"].values())
+        toward = ", ".join(f"{e['own'].value:.2f} / {e['nearest'].value:.2f}" for e in mixture["toward_nearest"].values())
+        lines.append(f"| {s} | {from_base} | {mixture['toward']}: {toward} | {cell(mixture['smallest_step'])} |")
+    lines += [
+        "",
+        "## Checks of the measure on generated images", "",
         "| check | style | n | S / S* |", "|---|---|---:|---|",
     ]
     for s in tuning:

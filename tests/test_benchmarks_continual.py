@@ -118,5 +118,7 @@ def test_tiny_run_rescored_by_style_specificity(tiny_results):
         other = rescored["references_rerendered"][style][next(s for s in settings.styles if s != style)]["S*"]
         assert own.count == settings.prompts and own.value > 0.8 and abs(other.value) < 0.2, (own, other)
         assert rescored["ratio"][style]["S*"].value == pytest.approx(1, abs=1e-2)
+    blended = rescored["known_mixtures"]["sepia"]
+    assert blended["toward"] == "halftone" and blended["from_base"]["1.0"]["S"].value > blended["from_base"]["0.25"]["S"].value
     report = specificity.markdown_report(rescored, "command")
     assert "| sepia | " in report and "Share / LoRA, paired" in report
