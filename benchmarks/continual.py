@@ -121,15 +121,19 @@ def training_images(style: str, count: int, seed: int) -> ImageSet:
 
 
 @torch.no_grad()
-def sample(pipe, unet, prompts: list[str], seeds: list[int], settings: Settings, mixes: list[dict] | None = None) -> np.ndarray:
-    """(N, H, W, 3) float images in [0, 1], fp32. mixes: one Share style mix per prompt."""
-    sampler = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "requires_safety_checker": False})
+def sample(pipe, unet, prompts: list[str], seeds: list[int], settings: Settings, mixes: list[dict] | None = None,
+           text_encoder=None) -> np.ndarray:  # fmt: skip
+    """(N, H, W, 3) float images in [0, 1], fp32. mixes: one Share style mix per prompt, in the UNet
+    and, when given, in a text encoder with Share layers (which encodes each prompt once)."""
+    text_encoder = text_encoder or pipe.text_encoder
+    sampler = StableDiffusionPipeline(**{**pipe.components, "unet": unet, "text_encoder": text_encoder, "requires_safety_checker": False})
     sampler.set_progress_bar_config(disable=True)
     out = []
     for start in range(0, len(prompts), settings.generation_batch):
         chunk = slice(start, start + settings.generation_batch)
         if mixes is not None:  # classifier-free guidance runs [unconditional; conditional]
             share.set_active_styles(unet, mixes[chunk] + mixes[chunk])
+            share.set_active_styles(text_encoder, mixes[chunk])
         try:
             images = sampler(
                 prompt=prompts[chunk], num_inference_steps=settings.sampling_steps, guidance_scale=settings.guidance,
@@ -138,6 +142,7 @@ def sample(pipe, unet, prompts: list[str], seeds: list[int], settings: Settings,
         finally:
             if mixes is not None:
                 share.set_active_styles(unet, None)
+                share.set_active_styles(text_encoder, None)
         out.append(np.asarray(images, dtype=np.float32))
     return np.concatenate(out)
 
@@ -159,9 +164,10 @@ class Evaluation:
     def prompts(self, style: str, count: int) -> list[str]:
         return [with_trigger(caption, style) for caption in self.captions[:count]]
 
-    def sample(self, unet, prompts: list[str], mixes: list[dict] | None = None, seeds: list[int] | None = None) -> np.ndarray:
+    def sample(self, unet, prompts: list[str], mixes: list[dict] | None = None, seeds: list[int] | None = None,
+               text_encoder=None) -> np.ndarray:  # fmt: skip
         start = time.time()
-        images = sample(self.pipe, unet, prompts, seeds or self.seeds[: len(prompts)], self.settings, mixes)
+        images = sample(self.pipe, unet, prompts, seeds or self.seeds[: len(prompts)], self.settings, mixes, text_encoder)
         self.images_sampled += len(images)
         self.seconds += time.time() - start
         return images
