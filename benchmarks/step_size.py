@@ -2,7 +2,7 @@
 
     python -m benchmarks.step_size [--out runs/step_size]
 
-For every distinct attention-projection shape of the embedded UNet and of SD1.5's UNet (built on
+For every distinct attention-projection shape of the embedded UNet, SD1.5's and SDXL's UNets (built on
 the meta device: shapes only), one layer learns a random linear target with AdamW (lr 1e-3,
 clipping as in training) for 20 steps from the same start, and the mean ‖ΔW_t − ΔW_{t−1}‖_F per
 step is compared with a PEFT-style LoRA's (B = 0, A kaiming-uniform, rank 4):
@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from benchmarks.merge import SD15_UNET_CONFIG, sd15_attention_shapes
 from benchmarks.output import add_output_option
 from share_diffusion import share
+from share_diffusion.model_configs import CONFIGS_DIR
 
 EMBEDDED_UNET = Path(__file__).resolve().parent.parent / "assets" / "base-model" / "unet"
 RANK, PHI, STEPS, LEARNING_RATE = 4, 8, 20, 1e-3
@@ -104,9 +105,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_output_option(parser, "step_size")
     args = parser.parse_args(argv)
-    embedded = {k: v for k, v in UNet2DConditionModel.load_config(EMBEDDED_UNET).items() if not k.startswith("_")}
+    configs = {"embedded": EMBEDDED_UNET, "SD1.5": None, "SDXL": CONFIGS_DIR / "sdxl-base" / "unet"}
+    configs = {m: SD15_UNET_CONFIG if f is None else {k: v for k, v in UNet2DConditionModel.load_config(f).items() if not k.startswith("_")}
+               for m, f in configs.items()}  # fmt: skip
     rows = []
-    for model, config in {"embedded": embedded, "SD1.5": SD15_UNET_CONFIG}.items():
+    for model, config in configs.items():
         for d_out, d_in in sorted(sd15_attention_shapes(config)):
             rows.append({"model": model, "d_out": d_out, "d_in": d_in, **step_ratios(d_out, d_in)})
             print(rows[-1])
