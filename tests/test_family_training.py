@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from share_diffusion import loading, share
 from share_diffusion.conditioning import SDXLConditioning, TextConditioning, unet_conditioning
@@ -89,6 +90,23 @@ def test_cli_generate_draws_the_style_exactly_as_studio_generate_with_the_family
     assert (metadata["steps"], metadata["guidance"]) == (defaults.steps, defaults.guidance)
     expected, _ = studio.generate("a cat", style="Ink", seed=3)
     assert np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(expected[0], dtype=int)).max() <= 1
+
+
+@pytest.mark.parametrize("format", ["kohya", "diffusers"])
+def test_cli_export_writes_the_file_studio_exports(trained, format, tmp_path):
+    family, folder, studio = trained
+    out = tmp_path / f"ink-{format}.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-m", "share_diffusion", "export-lora", "--model", str(folder), "--library", str(studio.path),
+         "--style", "Ink", "--format", format, "--out", str(out)],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    exported, expected = load_file(out), load_file(studio.export_lora("Ink", tmp_path / "studio.safetensors", format=format))
+    assert exported.keys() == expected.keys() and all(torch.equal(exported[k], expected[k]) for k in expected)
+    if family == "sdxl" and format == "kohya":  # sd-scripts' own SDXL names
+        assert any(k.startswith("lora_unet_input_blocks_") for k in exported) and any(k.startswith("lora_unet_output_blocks_") for k in exported)
 
 
 def test_app_generate_tab_opens_with_the_family_defaults_and_draws_the_style_as_studio_does(trained, tmp_path):
