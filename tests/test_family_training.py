@@ -24,7 +24,8 @@ from share_diffusion.generation import generation_defaults, native_size
 from share_diffusion.images import AspectBuckets, ImageSet, TrainingImage, load_training_images
 from share_diffusion.latent_cache import encoding_vae
 from share_diffusion.png_metadata import read_png_metadata
-from share_diffusion.studio import Studio
+from share_diffusion.library import StyleLibrary
+from share_diffusion.studio import Studio, library_style_factors
 from share_diffusion.training import StyleBatches, TrainingConfig, aspect_buckets, training_config
 from tests.test_families import family_models, offline  # noqa: F401  (fixtures: the tiny model folders)
 
@@ -90,6 +91,33 @@ def test_cli_generate_draws_the_style_exactly_as_studio_generate_with_the_family
     assert (metadata["steps"], metadata["guidance"]) == (defaults.steps, defaults.guidance)
     expected, _ = studio.generate("a cat", style="Ink", seed=3)
     assert np.abs(np.asarray(Image.open(out), dtype=int) - np.asarray(expected[0], dtype=int)).max() <= 1
+
+
+def test_cli_and_app_train_a_style_on_the_family_with_its_text_encoders(trained, tmp_path):
+    from app.callbacks import StudioCallbacks
+
+    family, folder, _ = trained
+    pictures = write_pictures(tmp_path / "pictures", [SQUARE, WIDE])
+    library = tmp_path / "cli.safetensors"
+    run = subprocess.run(
+        [sys.executable, "-m", "share_diffusion", "train", "--model", str(folder), "--library", str(library), "--name", "Dots",
+         "--images", str(pictures), "--steps", "2", "--batch-size", "2", "--lr", "0.01", "--text-encoder-lr", "0.01"],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    studio = Studio(load(folder), tmp_path / "app.safetensors", model_id=str(folder))
+    cb = StudioCallbacks(studio.pipe, studio, tmp_path / "out", work_dir=tmp_path / "work")
+    status = list(cb.train([str(p) for p in sorted(pictures.iterdir())], "Dots", "", "quick", 2, 0.01, 4, 2, 0,
+                           text_encoder_lr=0.01))[-1][0]  # fmt: skip
+    assert status.startswith("Learned **Dots**"), status
+    encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    for path in (library, studio.path):
+        saved = StyleLibrary.load(path)
+        assert saved.meta["base_model"]["family"] == family and saved.style("Dots")["training"]["text_encoder_lr"] == 0.01
+        for component in ("unet", *encoders):
+            factors = library_style_factors(saved, saved.style("Dots")["id"], component).values()
+            assert any(float((b @ a.T).norm()) > 0 for b, a in factors), (path.name, component)
 
 
 @pytest.mark.parametrize("format", ["kohya", "diffusers"])
