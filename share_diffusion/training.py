@@ -90,17 +90,19 @@ class TrainingConfig:
 #   embedded    the 64-px model in assets/: learns a procedural style in a few CPU minutes; its quick
 #               learning rate is the best of a sweep on the tuning styles only, by a rule fixed before
 #               the sweep (benchmarks/results/learning_rates*.md), and it was pretrained with noise
-#               offset 0.1, so it trains with the same.
+#               offset 0.1, so it trains with the same. Its text encoder learns too, at the rate the
+#               same rule chose (benchmarks/results/text_encoder_lr.md); quality keeps quick's ratio.
 #   checkpoint  real SD 1.x/2.x checkpoints: the learning rate, rank and batch of kohya sd-scripts' and
-#               the diffusers LoRA script's defaults, noise offset 0 (they were not trained with one).
+#               the diffusers LoRA script's defaults, noise offset 0 (they were not trained with one);
+#               the UNet alone, as the diffusers script trains (--text-encoder-lr turns it on).
 #   sdxl        real SDXL checkpoints, at 1024 px: kohya sd-scripts' usual SDXL LoRA settings (U-Net
 #               learning rate 1e-4, batch 1, gradient checkpointing; the diffusers SDXL LoRA script's
 #               defaults agree), with twice the steps of the SD 1.x batch-4 preset.
 #   Neither checkpoint set is measured here: no real weights can be fetched on our machines.
 PRESETS = {
     "embedded": {
-        "quick": TrainingConfig(steps=300, learning_rate=4e-3, rank=4, batch_size=8),
-        "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8),
+        "quick": TrainingConfig(steps=300, learning_rate=4e-3, rank=4, batch_size=8, text_encoder_lr=1e-3),
+        "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8, text_encoder_lr=2.5e-4),
     },
     "checkpoint": {
         "quick": TrainingConfig(steps=500, learning_rate=1e-4, rank=4, batch_size=4, noise_offset=0.0),
