@@ -439,10 +439,10 @@ class StudioCallbacks:
         return sorted(str(p) for p in staged.iterdir()), name, default_trigger(style)
 
     def preset_defaults(self, preset: str) -> tuple:
-        """The advanced fields for a preset: steps, learning rate, rank."""
+        """The advanced fields for a preset: steps, learning rate, rank, text-encoder learning rate."""
         presets = self.presets()
         config = presets.get(preset) or presets["quick"]
-        return config.steps, config.learning_rate, config.rank
+        return config.steps, config.learning_rate, config.rank, config.text_encoder_lr
 
     def presets(self) -> dict:
         """The training presets of the loaded base model's kind and family."""

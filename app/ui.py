@@ -166,7 +166,7 @@ def _train_tab(cb: StudioCallbacks) -> dict:
     for style, button in c.get("examples", {}).items():
         button.click(lambda s=style: cb.load_example(s), outputs=[c["files"], c["name"], c["trigger"]],
                      api_visibility="private")
-    c["preset"].change(cb.preset_defaults, inputs=c["preset"], outputs=[c["steps"], c["learning_rate"], c["rank"]],
+    c["preset"].change(cb.preset_defaults, inputs=c["preset"], outputs=[c["steps"], c["learning_rate"], c["rank"], c["text_encoder_lr"]],
                        api_visibility="private")
     c["cancel"].click(cb.cancel_training, outputs=c["cancel_note"], api_visibility="private")
     return c

@@ -327,3 +327,9 @@ def test_launch_reports_a_damaged_library_in_one_line(tmp_path):
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert len(lines) == 1 and str(damaged) in lines[0], result.stderr
     assert damaged.read_bytes() == b"\x00" * 100
+
+
+def test_choosing_a_preset_fills_every_advanced_field_it_sets(cb):
+    """Steps, learning rate, rank and the text-encoder learning rate of the embedded model's presets."""
+    assert cb.preset_defaults("quick") == (300, 4e-3, 4, 1e-3)
+    assert cb.preset_defaults("quality") == (1200, 1e-3, 8, 2.5e-4)
