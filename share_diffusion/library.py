@@ -19,6 +19,12 @@ style uses yet has an empty basis (d×0), and a style that does not touch a laye
 Version 2 files load as version 3 (`upgrade`): their targets widen to these, and the layers that
 they lack start empty (Studio._attach), every style with ΔW = 0 in them, which is what they were.
 
+A layer outside those that an imported file touches (a LoCon's k×k convolutions, the resnets'
+time_emb_proj and conv_shortcut) gets a Share layer of its own, and only such a layer: its whole
+module name joins `target_modules` (PEFT's rule matches a whole name as it matches a suffix), so
+the metadata records which layers a library holds. Every version-3 reader injects by that rule,
+so this needs no new version, and a library without such layers loads as it always did.
+
 Styles have a stable internal id ("s1", "s2", ...) used in tensor names, and a display name that
 users may change freely. Writes are atomic (temporary file, fsync, rename) and keep the previous
 version as `<file>.bak`, which is what "undo the last merge" restores. Loading validates everything

@@ -149,13 +149,13 @@ class Studio:
         return models
 
     def _attach(self) -> None:
-        """Put the library's Share state into the pipeline's UNet and text encoder (injecting layers
-        the first time). A layer the file lacks (a library from before it was adapted) starts empty,
-        every style with ΔW = 0 in it."""
+        """Put the library's Share state into the pipeline's UNet and text encoder, on Share layers
+        of the library's targets (a rolled-back import may have added others). A layer the file
+        lacks (a library from before it was adapted) starts empty, every style with ΔW = 0 in it."""
         style_ids = [record["id"] for record in self.library.styles]
         for component, model in self._models().items():
-            if not share.share_layers(model):
-                share.inject_share_layers(model, self.library.share_config(component))
+            share.remove_share_layers(model)
+            share.inject_share_layers(model, self.library.share_config(component))
             layers = share.share_layers(model)
             state = dict(self.library.component_state(component))
             for name, layer in layers.items():
@@ -283,6 +283,18 @@ class Studio:
         self.library.styles.extend(new_records)
         record_merge(meta, outcome, action, ",".join(new), self._basis_rank(models), utc_now())
         return outcome
+
+    def _add_layers(self, models: dict[str, torch.nn.Module], styles: list[dict[str, dict]]) -> None:
+        """Give a Share layer to every layer that one of the new styles ({component: factors}) uses
+        and that has none yet (a LoCon's k×k convolutions): its whole name joins the library's
+        targets, and it holds every earlier style with rank 0, which is what they were there."""
+        new = {component: sorted({name for factors in styles for name, (b, _) in factors.get(component, {}).items()
+                                  if b.shape[1]} - set(share.share_layers(model)))
+               for component, model in models.items()}
+        for component, names in new.items():
+            self.library.meta["target_modules"][component].extend(names)
+        if any(new.values()):
+            self._attach()
 
     def _basis_rank(self, models: dict[str, torch.nn.Module] | None = None) -> int:
         layers = [layer for model in (models or self._models()).values() for layer in share.share_layers(model).values()]
@@ -477,6 +489,7 @@ class Studio:
             drifts = []
             if new:
                 with self._merge_lock:
+                    self._add_layers(models, [factors for factors, _ in new.values()])
                     drifts = self._merge(models, new, records, "import", refuse=commit)
                     for model in models.values():
                         share.set_active_styles(model, None)
@@ -554,9 +567,11 @@ class Studio:
     def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
         record = self.library.style(name)
         factors_unet, factors_text = (library_style_factors(self.library, record["id"], c) for c in ("unet", "text_encoder"))
+        conv_shapes = {layer_name: layer.weight.shape for model in self._models().values()
+                       for layer_name, layer in share.share_layers(model).items() if layer.is_conv}
         out = Path(out)
-        save_lora(out, export_lora(factors_unet, factors_text, format=format), metadata={"style": name, "trigger": record["trigger"],
-                                                                       "base_model": self.library.meta["base_model"]["id"]})
+        save_lora(out, export_lora(factors_unet, factors_text, format=format, conv_shapes=conv_shapes),
+                  metadata={"style": name, "trigger": record["trigger"], "base_model": self.library.meta["base_model"]["id"]})
         return out
 
 
