@@ -236,7 +236,7 @@ def _reduced(name: str, parts: dict[str, Tensor], max_rank: int, lost: list[Loss
     what the cut leaves out goes to `lost`, naming the layer when the rank limit made the cut."""
     variant = lycoris.kind(parts)
     try:
-        reduced = lycoris.reduce(lycoris.delta_weight(parts), max_rank)
+        reduced = lycoris.reduce(*lycoris.product(parts), max_rank)
     except lycoris.LycorisError as error:
         raise LoraFormatError(f"{name}: a {variant} layer that {error}") from None
     kept = f"{100 * lycoris.KEPT_ENERGY:g}%"

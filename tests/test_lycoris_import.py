@@ -265,8 +265,11 @@ def test_broken_lycoris_layers_and_dora_are_refused_in_one_line():
     incomplete = {f"{kohya}.{k}": v for k, v in parts.items() if k != "hada_w2_b"}
     with pytest.raises(LoraFormatError, match=f"{kohya}: a LoHa layer that lacks hada_w2_b"):
         read_lora(incomplete, unet)
-    misshapen = {f"{kohya}.{k}": v for k, v in parts.items()} | {f"{kohya}.hada_w2_b": torch.zeros(3, 64)}
-    with pytest.raises(LoraFormatError, match="a LoHa layer that has tensors whose shapes do not fit"):
+    misranked = {f"{kohya}.{k}": v for k, v in parts.items()} | {f"{kohya}.hada_w2_b": torch.zeros(3, 64)}
+    with pytest.raises(LoraFormatError, match="a LoHa layer that has a hada_w2_a of rank 4 and a hada_w2_b of rank 3"):
+        read_lora(misranked, unet)
+    misshapen = {f"{kohya}.{k}": v for k, v in parts.items()} | {f"{kohya}.hada_w2_b": torch.zeros(4, 32)}
+    with pytest.raises(LoraFormatError, match=r"a LoHa layer that multiplies a \(64, 64\) by a \(64, 32\) product"):
         read_lora(misshapen, unet)
     dora = {f"{kohya}.{k}": v for k, v in parts.items()} | {f"{kohya}.dora_scale": torch.ones(64, 1)}
     with pytest.raises(LoraFormatError, match="DoRA"):
