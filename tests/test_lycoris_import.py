@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from share_diffusion import share
 from share_diffusion.lora_interop import LoraFormatError, read_lora, save_lora
 from share_diffusion.studio import Studio, library_style_factors
-from tests.test_lora_full import EMBEDDED, PROMPT, draw, fresh_pipe
+from tests.test_lora_full import PROMPT, draw, fresh_pipe
 
 # What a kohya LoCon trains next to the attention: the resnets' 3×3 convolutions, their 1×1
 # shortcut and time projection, and the down/upsamplers' convolutions (stride 2 going down).
