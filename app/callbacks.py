@@ -40,8 +40,8 @@ from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
 from share_diffusion.loading import model_info
 from share_diffusion.png_metadata import read_png_metadata, save_generated, save_png
-from share_diffusion.studio import CLASH_POLICIES, Studio
-from share_diffusion.training import TrainingCancelled, TrainingProgress, presets_for, training_config, with_trigger
+from share_diffusion.studio import CLASH_POLICIES, DriftPreview, Studio
+from share_diffusion.training import TrainingCancelled, TrainingProgress, presets_for, training_config
 from share_diffusion.training_job import TrainingJob, TrainingPreview
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,8 @@ SAMPLE_GUIDANCE = 4.0
 MAX_COMPARED_STYLES = 8
 #: Styles listed in an import's drift report (the most drifted first).
 MAX_REPORTED_STYLES = 30
+#: Earlier styles drawn before and after an import that would drift them (the most drifted; two images each).
+MAX_PREVIEWED_STYLES = 4
 LIBRARY_HEADERS = ["sample", "name", "trigger", "created", "images", "steps", "rank", "ΔW error (budget)", "source"]
 REJECTED_HEADERS = ["file", "reason"]
 
@@ -153,6 +155,11 @@ def _number(value, kind):
     if value is None or value == "":
         return None
     return kind(value)
+
+
+def _no_import_confirmation() -> tuple[dict, dict, dict]:
+    """Updates hiding the import confirmation: the previews gallery (emptied), Confirm and Cancel."""
+    return gr.update(value=[], visible=False), gr.update(visible=False), gr.update(visible=False)
 
 
 def choices_update(names: list[str], value: str | None, with_none: bool) -> dict:
@@ -299,9 +306,8 @@ class StudioCallbacks:
         """A sample image of a style (fixed prompt and seed), saved with its PNG metadata."""
         studio = self._require_studio()
         record = studio.library.style(name)
-        prompt = record.get("sample_prompt") or with_trigger("", record["trigger"])
-        images, extra = studio.generate(prompt, style=name, add_trigger=False, seed=SAMPLE_SEED, steps=SAMPLE_STEPS,
-                                        guidance=SAMPLE_GUIDANCE)
+        images, extra = studio.generate(studio.sample_prompt(name), style=name, add_trigger=False, seed=SAMPLE_SEED,
+                                        steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE)
         out = out or self._sample_path(record)
         save_generated(self.pipe, images, [out], seed=SAMPLE_SEED, steps=SAMPLE_STEPS, guidance=SAMPLE_GUIDANCE,
                               **extra)
@@ -445,7 +451,7 @@ class StudioCallbacks:
 
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
-              seed=0, flip=True, progress=gr.Progress()) -> Iterator[tuple]:
+              seed=0, flip=True, text_encoder_lr=0.0, progress=gr.Progress()) -> Iterator[tuple]:
         """Stream (status, live previews, before/after gallery, error rows) while a style trains."""
         studio = self._require_studio()
         name = check_style_name(name)
@@ -463,6 +469,7 @@ class StudioCallbacks:
             preview_every=_number(preview_every, int) or 0,
             seed=_number(seed, int),
             flip=bool(flip),
+            text_encoder_lr=_number(text_encoder_lr, float),
         )
         for label, value in (("steps", config.steps), ("rank", config.rank), ("batch size", config.batch_size)):
             if value < 1:
@@ -598,40 +605,72 @@ class StudioCallbacks:
         return paths
 
     @shown_errors
-    def check_import(self, files, on_clash) -> tuple[str, dict]:
-        """The Import button: what the import would do, computed and rolled back, for the user to
-        confirm -> (the report, the Confirm button: shown only if every style stays within budget)."""
+    def start_import(self, files, on_clash) -> tuple[str, dict, dict, dict]:
+        """The Import button: imports at once when no style would drift; else shows what the merge
+        would do, each of the most drifted earlier styles before and after it (same prompt and seed),
+        and waits for Confirm (offered only when every style stays within budget) or Cancel; nothing is
+        written until then -> (the report, the previews, the Confirm button, the Cancel button)."""
         studio = self._require_studio()
-        report = studio.check_import(self._import_paths(files, on_clash), on_clash=on_clash)
+        report = studio.import_unless_drifting(self._import_paths(files, on_clash), on_clash=on_clash,
+                                               previews=MAX_PREVIEWED_STYLES)
         if not report.names:
-            return "Nothing to import: every style name is already in the library.", gr.update(visible=False)
+            return "Nothing to import: every style name is already in the library.", *_no_import_confirmation()
+        numbers = (f"basis rank k {report.basis_rank_before} → {report.basis_rank_after}, file "
+                   f"{format_bytes(report.bytes_before)} → {format_bytes(report.bytes_after)}")
+        kept = [_markdown_cell(line) for line in report.kept_lines()]
+        kept += [f"**Warning:** {_markdown_cell(w)}" for w in report.warnings]  # under 99.9% of a LoRA's ΔW energy
+        if report.committed:
+            gr.Info(f"Imported {len(report.names)} style(s)")
+            added = ", ".join(f"**{_markdown_cell(n)}**" for n in report.names)
+            return "\n\n".join([f"Imported {added} in one merge ({numbers}); no style drifted.", *kept]), \
+                *_no_import_confirmation()
         over = [d for d in report.drifts if d.over_budget]
         rows = ["| style | ΔW error now | after the import | budget |", "|---|---:|---:|---:|"]
         for drift in sorted(report.drifts, key=lambda d: -d.after)[:MAX_REPORTED_STYLES]:
             now = "new" if drift.name in report.names else f"{drift.before:.1e}"
             after = ("" if drift.exact else "≤ ") + f"{drift.after:.1e}" + (" **over budget**" if drift.over_budget else "")
             rows.append(f"| {_markdown_cell(drift.name)} | {now} | {after} | {percent(drift.budget)} |")
-        summary = (f"Importing {len(report.names)} style(s) in one merge: basis rank k {report.basis_rank_before} → "
-                   f"{report.basis_rank_after}, file {format_bytes(report.bytes_before)} → {format_bytes(report.bytes_after)}.")
+        summary = f"Importing {len(report.names)} style(s) in one merge: {numbers}."
+        drifting = f"{len(report.drifting)} style(s) would drift under the size limit"
         if over:
-            verdict = (f"**Not possible under the size limit:** {len(over)} style(s) would drift past their budget. "
-                       "Raise the size limit or the budget (settings above), or remove styles.")
+            verdict = (f"**Not possible under the size limit:** {drifting}, {len(over)} past their budget. "
+                       "Raise the size limit or the budget (settings below), or remove styles; **Cancel** to close.")
         else:
-            verdict = "Every style stays within its budget. **Confirm** to import; nothing is written until then."
-        kept = [_markdown_cell(line) for line in report.kept_lines()]
-        kept += [f"**Warning:** {_markdown_cell(w)}" for w in report.warnings]  # under 99.9% of a LoRA's ΔW energy
-        return "\n\n".join([summary, *kept, verdict, "\n".join(rows)]), gr.update(visible=not over)
+            verdict = (f"{drifting}, each within its budget. **Confirm** to import, or **Cancel**; nothing is written "
+                       "until then.")
+        if report.previews:
+            verdict += " Below: the most drifted earlier styles before and after it (same prompt and seed)."
+        return ("\n\n".join([summary, *kept, verdict, "\n".join(rows)]),
+                gr.update(value=self._preview_gallery(report.previews), visible=bool(report.previews)),
+                gr.update(visible=not over), gr.update(visible=True))
+
+    def _preview_gallery(self, previews: list[DriftPreview]) -> list[tuple[str, str]]:
+        """Each style's before and after images (saved as PNGs with their prompt and seed), captioned."""
+        folder = self._new_dir("import-previews")
+        gallery = []
+        for number, preview in enumerate(previews, 1):
+            name, drift = preview.drift.name, ("" if preview.drift.exact else "≤ ") + percent(preview.drift.after)
+            for when, image, caption in (("before", preview.before, f"{name} · before"),
+                                         ("after", preview.after, f"{name} · after (drift {drift})")):
+                metadata = {"prompt": preview.prompt, "seed": preview.seed, "styles": {name: 1.0},
+                            "import_preview": when}
+                gallery.append((str(save_png(image, folder / f"{number:02d}-{when}.png", metadata)), caption))
+        return gallery
+
+    def cancel_import(self) -> tuple[str, dict, dict, dict]:
+        """Cancel: drop the checked import (it wrote nothing) -> (a line, the previews and both buttons hidden)."""
+        return "Import cancelled: the library is unchanged.", *_no_import_confirmation()
 
     @shown_errors
-    def import_files(self, files, on_clash) -> tuple[str, dict]:
-        """Confirm: the import itself -> (a line about it, the Confirm button hidden again)."""
+    def import_files(self, files, on_clash) -> tuple[str, dict, dict, dict]:
+        """Confirm: the import itself -> (a line about it, the previews and both buttons hidden)."""
         studio = self._require_studio()
         added = studio.import_files(self._import_paths(files, on_clash), on_clash=on_clash)
         if not added:
             gr.Info("Nothing imported (every style name was already taken)")
-            return "Nothing imported: every style name was already in the library.", gr.update(visible=False)
+            return "Nothing imported: every style name was already in the library.", *_no_import_confirmation()
         gr.Info(f"Imported {len(added)} style(s)")
-        return f"Imported {', '.join(f'**{n}**' for n in added)} in one merge.", gr.update(visible=False)
+        return f"Imported {', '.join(f'**{n}**' for n in added)} in one merge.", *_no_import_confirmation()
 
     @shown_errors
     def export_lora(self, name, format) -> str:

@@ -134,6 +134,8 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 with gr.Row():
                     c["steps"] = gr.Number(value=quick.steps, precision=0, minimum=1, label="Steps", elem_id="train-steps")
                     c["learning_rate"] = gr.Number(value=quick.learning_rate, minimum=0, label="Learning rate")
+                    c["text_encoder_lr"] = gr.Number(value=quick.text_encoder_lr, minimum=0, elem_id="train-text-encoder-lr",
+                                                     label="Text-encoder learning rate (0 = frozen)")
                 with gr.Row():
                     c["rank"] = gr.Number(value=quick.rank, precision=0, minimum=1, label="Rank (per style)")
                     c["batch_size"] = gr.Number(value=quick.batch_size, precision=0, minimum=1, label="Batch size",
@@ -201,8 +203,14 @@ def _library_tab(cb: StudioCallbacks) -> dict:
                                         elem_id="import-files", height=120)
             c["on_clash"] = gr.Radio(list(CLASH_POLICIES), value="rename", label="When a name is taken")
             c["import"] = gr.Button("Import…", elem_id="import-button")
-            c["confirm_import"] = gr.Button("Confirm import", variant="primary", visible=False, elem_id="confirm-import")
+            with gr.Row():
+                c["confirm_import"] = gr.Button("Confirm import", variant="primary", visible=False,
+                                                elem_id="confirm-import")
+                c["cancel_import"] = gr.Button("Cancel", visible=False, elem_id="cancel-import")
     c["import_check"] = gr.Markdown(elem_id="import-check")
+    c["import_previews"] = gr.Gallery(label="Drifting styles before / after the import (same prompt and seed)",
+                                      columns=4, fit_columns=False, height=260, format="png", visible=False,
+                                      elem_id="import-previews")
     info = cb.studio.info() if cb.studio else {"drift_budget": 0.01, "size_limit": None}
     with gr.Row(equal_height=True):
         c["drift_budget"] = gr.Number(value=100 * info["drift_budget"], minimum=0, maximum=100, label="Drift budget of new "
@@ -263,7 +271,7 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
 
         gen["refresh"].click(cb.refresh_styles, inputs=selections, outputs=selections, api_visibility="private")
         train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "batch_size",
-                                           "preview_every", "seed", "flip")]
+                                           "preview_every", "seed", "flip", "text_encoder_lr")]
         after(train["train"].click(cb.train, inputs=train_inputs,
                                    outputs=[train["status"], train["previews"], train["comparison"], train["errors"]],
                                    concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_name="train"))
@@ -273,12 +281,14 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
                                   concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
         after(lib["undo"].click(cb.undo, outputs=lib["status"],
                                 concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
-        lib["import"].click(cb.check_import, inputs=[lib["import_files"], lib["on_clash"]],
-                            outputs=[lib["import_check"], lib["confirm_import"]], concurrency_limit=1,
-                            concurrency_id=LIBRARY_QUEUE, api_visibility="private")
+        import_confirmation = [lib["import_check"], lib["import_previews"], lib["confirm_import"], lib["cancel_import"]]
+        after(lib["import"].click(cb.start_import, inputs=[lib["import_files"], lib["on_clash"]],
+                                  outputs=import_confirmation, concurrency_limit=1, concurrency_id=LIBRARY_QUEUE,
+                                  api_visibility="private"))
         after(lib["confirm_import"].click(cb.import_files, inputs=[lib["import_files"], lib["on_clash"]],
-                                          outputs=[lib["status"], lib["confirm_import"]], concurrency_limit=1,
+                                          outputs=import_confirmation, concurrency_limit=1,
                                           concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
+        lib["cancel_import"].click(cb.cancel_import, outputs=import_confirmation, api_visibility="private")
         after(lib["save_settings"].click(cb.save_drift_settings, inputs=[lib["drift_budget"], lib["size_limit"]],
                                          outputs=lib["status"], concurrency_limit=1, concurrency_id=LIBRARY_QUEUE,
                                          api_visibility="private"))

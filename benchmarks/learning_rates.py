@@ -71,12 +71,14 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep-prompts", type=int, default=32)
     parser.add_argument("--sweep-styles", default=",".join(TUNING_STYLES), help="tuning styles to sweep (comma-separated)")
     parser.add_argument("--learning-rates", default=",".join(map(str, LEARNING_RATES)), help="comma-separated")
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initial factors, batches, noise)")
     parser.add_argument("--threads", type=int, default=None)
     add_output_option(parser, "learning_rates")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings()
+    settings = replace(settings, training=replace(settings.training, seed=args.seed))
     if args.quick:
         settings = replace(settings, **QUICK, training=replace(settings.training, **QUICK_TRAINING))
         args.sweep_prompts = settings.prompts

@@ -10,7 +10,7 @@ files (twice the training resolution, as users' images are larger) through load_
 and trains a Share style for 2 steps with train_style (batch 1, fp32, no previews), which first
 encodes every image through latent_cache.encode_images. The bar: 64 images peak at most 1.20 × 8.
 
-  full     the SD1.5 architecture with random weights (benchmarks/sd15.py), 256×256 images
+  full     the SD1.5 architecture with random weights (benchmarks/random_pipeline.py), 256×256 images
   --quick  the embedded model (assets/base-model) at 64×64: checks that the benchmark runs, in
            seconds; it measures nothing about SD1.5
 """
@@ -76,9 +76,9 @@ def measure_case(image_folder: Path, count: int, quick: bool) -> dict:
 
         pipe = load_pipeline(None, device="cpu", dtype="fp32", progress=False)
     else:
-        from benchmarks.sd15 import sd15_pipeline
+        from benchmarks.random_pipeline import random_pipeline
 
-        pipe = sd15_pipeline("cpu", torch.float32)
+        pipe = random_pipeline("sd15", "cpu", torch.float32)
     phase_done("model")
 
     files = sorted(image_folder.glob("*.png"))[:count]
@@ -147,7 +147,7 @@ def run_benchmark(command: str, quick: bool, threads: int | None = None, counts:
     return dict(
         command=command,
         date=datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        model="the embedded model (assets/base-model)" if quick else "SD1.5 architecture, random weights (benchmarks/sd15.py)",
+        model="the embedded model (assets/base-model)" if quick else "SD1.5 architecture, random weights (benchmarks/random_pipeline.py)",
         environment=dict(
             torch=torch.__version__,
             threads=threads or torch.get_num_threads(),

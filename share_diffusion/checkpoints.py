@@ -2,7 +2,8 @@
 cancel loses at most N steps.
 
 A checkpoint is a folder next to the library (`.<library>.training/<style>/`) holding
-  state.safetensors  the trained parameters, the optimizer's tensors, the random generator;
+  state.safetensors  the trained parameters (the UNet's, then the text encoders' when they learn),
+                     the optimizer's tensors, the random generator;
   state.json         the step, the optimizer's other entries, the LR schedule, the gradient
                      scaler, the numpy generator, and a digest of everything that decides the
                      training (settings, images, trigger, base model) so that a resume with other
@@ -31,7 +32,7 @@ from .errors import ShareStudioError
 # Settings that change what a training computes; the others (previews, checkpoint cadence) may differ on resume.
 OUTCOME_FIELDS = ("steps", "learning_rate", "rank", "batch_size", "caption_dropout", "noise_offset", "seed",
                   "mixed_precision", "gradient_accumulation", "min_snr_gamma", "warmup_steps", "lr_schedule", "flip",
-                  "use_8bit_adam")  # fmt: skip
+                  "use_8bit_adam", "text_encoder_lr")  # fmt: skip
 
 
 class CheckpointMismatch(ShareStudioError):

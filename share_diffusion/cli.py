@@ -256,6 +256,9 @@ def register_train(subparsers) -> argparse.ArgumentParser:
         for kind, presets in PRESETS.items()))
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--learning-rate", "--lr", type=float, default=None)
+    parser.add_argument("--text-encoder-lr", type=float, default=None, metavar="LR",
+                        help="the text encoder learns the style too, at this rate (kohya's --text_encoder_lr, "
+                             "e.g. 5e-5 with --lr 1e-4); default 0: frozen")
     parser.add_argument("--rank", type=int, default=None)
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--seed", type=int, default=None)
@@ -306,7 +309,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         gradient_checkpointing=args.gradient_checkpointing, use_8bit_adam=args.use_8bit_adam,
         strength_previews=args.strength_previews, gradient_accumulation=args.gradient_accumulation,
         min_snr_gamma=args.min_snr_gamma, warmup_steps=args.warmup_steps, lr_schedule=args.lr_schedule, flip=args.flip,
-        checkpoint_every=args.checkpoint_every, latent_cache=args.cache_latents,
+        checkpoint_every=args.checkpoint_every, latent_cache=args.cache_latents, text_encoder_lr=args.text_encoder_lr,
     )
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr, disable=not main_process)
     job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset,

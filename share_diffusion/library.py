@@ -4,6 +4,7 @@ Tensors (float32):
     unet.<layer>.basis_a | basis_b                       the shared basis, stored once per layer
     unet.<layer>.styles.<id>.loadings_a | loadings_b | scale
     text_encoder.<layer>...                              the same, when the text encoder is adapted
+    text_encoder_2.<layer>...                            the same for SDXL's second text encoder
 Metadata: one JSON document under the key "share_studio" (see `new_metadata`).
 
 Format versions: 2 records each style's drift budget, whether its error is exact, how often a
@@ -18,6 +19,9 @@ encoder, so `target_modules` lists both components'. The tensor layout is unchan
 style uses yet has an empty basis (d×0), and a style that does not touch a layer has rank 0 there.
 Version 2 files load as version 3 (`upgrade`): their targets widen to these, and the layers that
 they lack start empty (Studio._attach), every style with ΔW = 0 in them, which is what they were.
+SDXL's second text encoder (`text_encoder_2`) joined version 3 the same way: a file without its
+targets gets CLIP_LORA_MODULES, and its layers start empty. (Share Studio from before it cannot
+open an SDXL library that holds text_encoder_2 tensors: it names the unexpected tensor.)
 
 A layer outside those that an imported file touches (a LoCon's k×k convolutions, the resnets'
 time_emb_proj and conv_shortcut) gets a Share layer of its own, and only such a layer: its whole
@@ -66,7 +70,7 @@ MAX_HEADER_BYTES = 16 * 1024 * 1024
 MAX_FILE_BYTES = 4 * 1024**3
 MAX_NAME_LENGTH = 64
 #: The pipeline components a library can hold Share layers for.
-STORED_COMPONENTS = ("unet", "text_encoder")
+STORED_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TENSOR_FIELDS = ("basis_a", "basis_b")
 STYLE_FIELDS = ("loadings_a", "loadings_b", "scale")
 
@@ -134,7 +138,8 @@ def new_metadata(base_model: str, fingerprint: str, config: ShareConfig, text_en
     return {
         "format_version": FORMAT_VERSION,
         "base_model": {"id": base_model, "fingerprint": fingerprint, "family": family or families.UNKNOWN},
-        "target_modules": {"unet": list(config.target_modules), "text_encoder": list(text_encoder_modules or [])},
+        "target_modules": {"unet": list(config.target_modules), "text_encoder": list(text_encoder_modules or []),
+                           "text_encoder_2": list(text_encoder_modules or [])},
         "share": {
             "rank": config.rank,
             "alpha": config.alpha,
@@ -193,7 +198,7 @@ class StyleLibrary:
         return f"s{number}"
 
     def share_config(self, component: str = "unet") -> ShareConfig:
-        """The Share settings, with the Share layers of `component` (unet, text_encoder) as targets."""
+        """The Share settings, with the Share layers of `component` (STORED_COMPONENTS) as targets."""
         share = self.meta["share"]
         return ShareConfig(
             rank=share["rank"],
@@ -263,7 +268,11 @@ def style_rank(state: dict[str, torch.Tensor], style_id: str) -> int:
 
 
 def upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
-    """Version 1 or 2 metadata as version 3 (a validated file; see the module docstring)."""
+    """Version 1 or 2 metadata as version 3, and text_encoder_2 targets where a file has none (a
+    validated file; see the module docstring)."""
+    targets = meta["target_modules"]
+    if "text_encoder_2" not in targets:
+        meta = {**meta, "target_modules": {**targets, "text_encoder_2": list(CLIP_LORA_MODULES)}}
     if meta["format_version"] == FORMAT_VERSION:
         return meta
     version, meta = meta["format_version"], {**meta, "format_version": FORMAT_VERSION}
@@ -271,6 +280,7 @@ def upgrade(meta: dict, state: dict[str, torch.Tensor]) -> dict:
     meta["target_modules"] = {
         "unet": [*targets["unet"], *(t for t in UNET_LORA_MODULES if t not in targets["unet"])],
         "text_encoder": [*targets["text_encoder"], *(t for t in CLIP_LORA_MODULES if t not in targets["text_encoder"])],
+        "text_encoder_2": targets["text_encoder_2"],
     }
     if version >= 2:
         return meta
@@ -342,7 +352,9 @@ def validate(meta: dict, state: dict[str, torch.Tensor], source: str) -> None:
         assert isinstance(meta["merges"], list) and isinstance(styles, list)
         assert isinstance(fingerprint, str) and isinstance(meta["base_model"]["id"], str)
         assert isinstance(meta["base_model"].get("family", families.UNKNOWN), str)  # absent before families
-        assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c]) for c in STORED_COMPONENTS)
+        assert isinstance(targets, dict) and {"unet", "text_encoder"} <= targets.keys()  # text_encoder_2: newer files
+        assert all(isinstance(targets[c], list) and all(isinstance(t, str) for t in targets[c])
+                   for c in STORED_COMPONENTS if c in targets)
         assert integer(rank, 1, 1024) and (max_rank is None and version > 1 or integer(max_rank, 1, 4096))
         # "phi" (temporary basis directions) is written by libraries from before free-factor training.
         assert "phi" not in share or integer(share["phi"], 1, 4096)

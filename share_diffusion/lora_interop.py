@@ -6,7 +6,8 @@ lora_up/lora_B = B (d_out×r) and lora_down/lora_A = Aᵀ (r×d_in), scaled by a
 
   export_lora(factors_unet, factors_text, format)  -> a LoRA state dict (alpha = r: scale 1)
   save_lora(path, state, metadata)                  -> a .safetensors file
-  read_lora(source, unet, text_encoder)             -> factors (alpha/r folded into B) + info
+  read_lora_components(source, models)              -> factors per component (alpha/r folded into B) + info
+  read_lora(source, unet, text_encoder)             -> the same for a UNet and one text encoder
 
 Key names come from diffusers' own converters, the ones pipe.load_lora_weights uses:
   kohya:     convert_state_dict_to_kohya on export; lora_state_dict
@@ -14,10 +15,13 @@ Key names come from diffusers' own converters, the ones pipe.load_lora_weights u
              convert_state_dict_to_peft on import.
   diffusers: the PEFT layout `unet.<module>.lora_A.weight`, packed with pack_weights, exactly
              what StableDiffusionPipeline.save_lora_weights writes.
-Only two spellings are ours: SD 1.x kohya files name the text encoder `lora_te_` (diffusers
-writes the SDXL-style `lora_te1_`; both load in diffusers, A1111 wants `lora_te_` for SD 1.x),
-and text-encoder layers are written under `text_model.` (transformers ≥ 5.6 flattened
-CLIPTextModel; files keep the classic names, and diffusers strips the prefix when loading).
+Three spellings are ours: SD 1.x/2.x kohya files name the text encoder `lora_te_` (diffusers
+writes the SDXL-style `lora_te1_`; both load in diffusers, A1111 wants `lora_te_` for SD 1.x);
+SDXL kohya files name UNet layers by the original (SGM) blocks, `lora_unet_input_blocks_4_1_…`,
+as kohya sd-scripts writes them (it trains SDXL on that UNet, and reads its SDXL files so; diffusers
+maps them back by the UNet config, see sgm_unet_name); and text-encoder layers are written under
+`text_model.` (transformers ≥ 5.6 flattened CLIPTextModel; files keep the classic names, and
+diffusers strips the prefix when loading).
 
 LyCORIS files use the kohya names: LoCon layers are plain lora_down/lora_up (a convolution's
 ΔW flattened to d_out × (c_in·k_h·k_w)); LoHa and LoKr layers become the truncated SVD of their ΔW
@@ -40,13 +44,16 @@ import torch
 from torch import Tensor, nn
 
 from . import lycoris, share
+from .families import SDXL, architecture, family_from_configs
 from .loading import PICKLE_SUFFIXES
 
 FORMATS = ("kohya", "diffusers")
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
-#: The component prefixes a diffusers/PEFT LoRA file may use (SDXL's second text encoder too, so
-#: its layers are reported as skipped rather than taken for UNet layers).
-LORA_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+#: The component prefixes a diffusers/PEFT LoRA file may use, with the layer kinds Share adapts in
+#: each where the model has no Share layers yet.
+DEFAULT_TARGETS = {"unet": share.UNET_LORA_MODULES, "text_encoder": share.CLIP_LORA_MODULES,
+                   "text_encoder_2": share.CLIP_LORA_MODULES}
+LORA_COMPONENTS = tuple(DEFAULT_TARGETS)
 TEXT_MODEL_PREFIX = "text_model."
 # Per-layer tensors of LoRA variants that are not ΔW = B Aᵀ (DoRA rescales the whole weight).
 _DORA_MARKERS = ("dora_scale", "lora_magnitude_vector")
@@ -85,11 +92,68 @@ def _peft_layers(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int, up_sca
     return state
 
 
+# A UNet layer in a block, by diffusers' name: down/up_blocks.<b>.<part>.<j>. or mid_block.<part>.<j>.
+_UNET_BLOCK = re.compile(
+    r"(?:(?P<side>down|up)_blocks\.(?P<block>\d+)|mid_block)\.(?P<part>resnets|attentions|downsamplers|upsamplers)\.(?P<layer>\d+)\."
+)
+#: Where a part sits in its original block: [resnet, attention, upsampler]; a downsampler stands alone.
+_SGM_POSITION = {"resnets": 0, "attentions": 1, "upsamplers": 2, "downsamplers": 0}
+#: Original names inside a block where they differ: a resnet's in_layers = (norm, SiLU, conv),
+#: emb_layers = (SiLU, linear), out_layers = (norm, SiLU, dropout, conv); a downsampler's op.
+_SGM_INNER = {"resnets": {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+                          "conv_shortcut": "skip_connection"},
+              "downsamplers": {"conv": "op"}}
+#: The layers outside the blocks (input_blocks.0.0 is conv_in).
+_SGM_OUTSIDE = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+                "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                "add_embedding.linear_2": "label_emb.0.2"}
+
+
+def sgm_unet_name(module: str, layers_per_block: int) -> str:
+    """A diffusers UNet layer by its original (SGM/LDM) name, the name kohya sd-scripts gives SDXL
+    LoRA layers. Each diffusers block is n = layers_per_block + 1 original blocks (down: its layers
+    and the downsampler; up: its n layers), and input_blocks.0 is conv_in:
+
+        down_blocks.b.resnets.j.…          ->  input_blocks.(1 + n·b + j).0.…
+        down_blocks.b.attentions.j.…       ->  input_blocks.(1 + n·b + j).1.…
+        down_blocks.b.downsamplers.0.conv  ->  input_blocks.(n·(b + 1)).0.op
+        mid_block.resnets.j.…              ->  middle_block.(2j).…
+        mid_block.attentions.0.…           ->  middle_block.1.…
+        up_blocks.b.resnets.j.…            ->  output_blocks.(n·b + j).0.…
+        up_blocks.b.attentions.j.…         ->  output_blocks.(n·b + j).1.…
+        up_blocks.b.upsamplers.0.conv      ->  output_blocks.(n·b + n − 1).2.conv
+
+    with a resnet's layers renamed (_SGM_INNER) and those outside the blocks by _SGM_OUTSIDE: the
+    inverse of diffusers' _maybe_map_sgm_blocks_to_diffusers and _convert_unet_lora_key, which
+    load_lora_weights and read_lora_components use (they read position 2 as the upsampler, as in
+    SDXL, whose upsampling blocks all have attentions). Inside attention blocks the names agree.
+    """
+    if module in _SGM_OUTSIDE:
+        return _SGM_OUTSIDE[module]
+    match = _UNET_BLOCK.match(module)
+    if match is None:
+        raise ValueError(f"{module}: not a UNet layer that has a kohya SDXL name")
+    part, layer, n = match["part"], int(match["layer"]), layers_per_block + 1
+    inner = module[match.end():]
+    inner = _SGM_INNER.get(part, {}).get(inner, inner)
+    if match["side"] is None:
+        block = f"middle_block.{2 * layer + (part == 'attentions')}"
+    elif match["side"] == "down":
+        index = n * (int(match["block"]) + 1) if part == "downsamplers" else 1 + n * int(match["block"]) + layer
+        block = f"input_blocks.{index}.{_SGM_POSITION[part]}"
+    else:
+        index = n * int(match["block"]) + (n - 1 if part == "upsamplers" else layer)
+        block = f"output_blocks.{index}.{_SGM_POSITION[part]}"
+    return f"{block}.{inner}"
+
+
 def export_lora(
     factors_unet: Mapping[str, tuple[Tensor, Tensor]],
     factors_text: Mapping[str, tuple[Tensor, Tensor]] | None = None,
     format: str = "kohya",
     *,
+    factors_text_2: Mapping[str, tuple[Tensor, Tensor]] | None = None,
+    unet_config: Mapping | None = None,
     rank: int | None = None,
     alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
@@ -98,7 +162,10 @@ def export_lora(
     """A standard LoRA state dict of one style from share.export_style factors (ΔW = B Aᵀ).
 
     format "kohya" (A1111/ComfyUI: lora_unet_…/lora_te_… with lora_down, lora_up, alpha) or
-    "diffusers" (PEFT: unet.…/text_encoder.… with lora_A, lora_B). Every layer gets the same
+    "diffusers" (PEFT: unet.…/text_encoder.… with lora_A, lora_B). factors_text_2 are SDXL's
+    second text encoder's (text_encoder_2.…, kohya lora_te2_…). With an SDXL UNet's config
+    (unet_config), kohya files take kohya sd-scripts' SDXL names: lora_unet_input_blocks_…
+    (sgm_unet_name) and lora_te1_/lora_te2_. Every layer gets the same
     rank (default: the largest; smaller layers are zero-padded, which leaves ΔW unchanged) and
     the same alpha (default: alpha = rank, i.e. scale 1), so every loader applies one
     alpha/rank and ΔW comes out exactly. Another alpha (kohya only: diffusers files carry none)
@@ -111,9 +178,9 @@ def export_lora(
 
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {format!r}")
-    factors_text = factors_text or {}
+    factors_text, factors_text_2 = factors_text or {}, factors_text_2 or {}
     widths = []
-    for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items()]:
+    for name, (factor_b, factor_a) in [*factors_unet.items(), *factors_text.items(), *factors_text_2.items()]:
         if factor_b.dim() != 2 or factor_a.dim() != 2 or factor_b.shape[1] != factor_a.shape[1]:
             shapes = f"{tuple(factor_b.shape)}, {tuple(factor_a.shape)}"
             raise ValueError(f"{name}: factors must be B (d_out×r) and A (d_in×r), got {shapes}")
@@ -130,16 +197,23 @@ def export_lora(
     if format == "diffusers" and alpha != rank:
         raise ValueError("the diffusers format stores no alpha (loaders use alpha = rank); set alpha only for kohya")
     up_scale = rank / alpha  # the loader multiplies by alpha / rank
+    sdxl = unet_config is not None and architecture(family_from_configs(unet_config)) == SDXL
+    conv_shapes = conv_shapes or {}
+    if format == "kohya" and sdxl:
+        layers_per_block = unet_config["layers_per_block"]
+        factors_unet = {sgm_unet_name(name, layers_per_block): f for name, f in factors_unet.items()}
+        conv_shapes = {sgm_unet_name(name, layers_per_block): shape for name, shape in conv_shapes.items()}
 
-    unet_layers = _peft_layers(factors_unet, rank, up_scale, dtype, False, conv_shapes or {})
-    text_layers = _peft_layers(factors_text, rank, up_scale, dtype, True, conv_shapes or {})
-    state = StableDiffusionPipeline.pack_weights(unet_layers, StableDiffusionPipeline.unet_name)
-    state |= StableDiffusionPipeline.pack_weights(text_layers, StableDiffusionPipeline.text_encoder_name)
+    state = {}
+    for component, factors, text in (("unet", factors_unet, False), ("text_encoder", factors_text, True),
+                                     ("text_encoder_2", factors_text_2, True)):
+        layers = _peft_layers(factors, rank, up_scale, dtype, text, conv_shapes)
+        state |= StableDiffusionPipeline.pack_weights(layers, component)
     if format == "diffusers":
         return state
     kohya = {}
     for key, value in convert_state_dict_to_kohya(state).items():
-        if key.startswith("lora_te1_"):
+        if key.startswith("lora_te1_") and not sdxl:
             key = "lora_te_" + key.removeprefix("lora_te1_")
         if key.endswith(".alpha"):
             value = torch.tensor(alpha, dtype=torch.float32)
@@ -433,24 +507,25 @@ def kept_report(lost: list[Loss], kept: dict[str, float]) -> tuple[dict, list[st
     return energy, warnings
 
 
-def read_lora(
+def read_lora_components(
     source: str | os.PathLike | Mapping[str, Tensor],
-    unet: nn.Module,
-    text_encoder: nn.Module | None = None,
+    models: Mapping[str, nn.Module | None],
     max_rank: int = lycoris.MAX_RANK,
-) -> tuple[Factors, Factors, dict]:
+) -> tuple[dict[str, Factors], dict]:
     """Import a standard LoRA (.safetensors file or state dict, kohya or diffusers/PEFT format,
     LyCORIS LoCon, LoHa and LoKr files in kohya names).
 
-    Returns (factors_unet, factors_text, info): {layer name: (B d_out×r, A d_in×r)} with
+    models: {component: model} of LORA_COMPONENTS (unet, text_encoder, and SDXL's text_encoder_2).
+    Returns ({component: factors}, info), factors {layer name: (B d_out×r, A d_in×r)} with
     ΔW = B Aᵀ and the LoRA's alpha/r (from .alpha keys or diffusers' LoraConfig metadata)
-    folded into B, ready for share.add_style once each layer has a Share layer. The layers are
-    every nn.Linear and nn.Conv2d of `unet` and `text_encoder` (a convolution's ΔW flattened,
-    d_in = c_in·k_h·k_w); a LoRA layer that names one of their targets (the Share layers', else
-    share.UNET_LORA_MODULES and CLIP_LORA_MODULES) must exist and fit. A LoHa or LoKr layer is
-    the truncated SVD of its ΔW, of the smallest rank that keeps 99% of ‖ΔW‖², at most max_rank.
+    folded into B, ready for share.add_style once each layer has a Share layer; every component
+    of LORA_COMPONENTS is there, empty where the file has none. The layers are every nn.Linear
+    and nn.Conv2d of each model (a convolution's ΔW flattened, d_in = c_in·k_h·k_w); a LoRA layer
+    that names one of its targets (its Share layers', else DEFAULT_TARGETS) must exist and fit.
+    A LoHa or LoKr layer is the truncated SVD of its ΔW, of the smallest rank that keeps 99% of
+    ‖ΔW‖², at most max_rank.
     info: format, layers (imported), rank (largest), skipped ({LoRA layer: why} for layers
-    Share does not adapt; text-encoder layers when text_encoder is None), skipped_count, kept
+    Share does not adapt; the layers of a component without a model), skipped_count, kept
     ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some lost energy is unknown,
     layers_lost, layers_cut (by a rank reduction)}}), warnings (one line per component under
     KEPT_WARNING: what was lost and why), metadata (the file's). Raises LoraFormatError for
@@ -463,13 +538,23 @@ def read_lora(
         state, metadata = _read_safetensors(path)
         label = path.name
     try:
-        return _read(state, metadata, unet, text_encoder, max_rank)
+        return _read(state, metadata, models, max_rank)
     except LoraFormatError as error:
         raise LoraFormatError(f"{label}: {error}") from None
 
 
-def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, text_encoder: nn.Module | None,
-          max_rank: int):
+def read_lora(
+    source: str | os.PathLike | Mapping[str, Tensor],
+    unet: nn.Module,
+    text_encoder: nn.Module | None = None,
+    max_rank: int = lycoris.MAX_RANK,
+) -> tuple[Factors, Factors, dict]:
+    """read_lora_components for a UNet and one text encoder: (factors_unet, factors_text, info)."""
+    factors, info = read_lora_components(source, {"unet": unet, "text_encoder": text_encoder}, max_rank)
+    return factors["unet"], factors["text_encoder"], info
+
+
+def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module | None], max_rank: int):
     keys = list(state)
     if any(marker in key for key in keys for marker in _DORA_MARKERS):
         raise LoraFormatError(
@@ -480,20 +565,20 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
     skipped: dict[str, str] = {}
     lost: list[Loss] = []
     if format == "kohya":
-        components, configs = _kohya_to_peft(state, getattr(unet, "config", None), skipped, lost, max_rank), {}
+        unet_config = getattr(models["unet"], "config", None)
+        components, configs = _kohya_to_peft(state, unet_config, skipped, lost, max_rank), {}
     else:
         configs = _adapter_configs(metadata)
         if any(getattr(c, "use_dora", False) for c in configs.values()):
             raise LoraFormatError("a DoRA LoRA (use_dora): its ΔW depends on the base weight, so Share cannot import it")
         components = _split_components(state, skipped)
 
-    models = {"unet": (unet, share.UNET_LORA_MODULES), "text_encoder": (text_encoder, share.CLIP_LORA_MODULES)}
-    result: dict[str, Factors] = {"unet": {}, "text_encoder": {}}
+    result: dict[str, Factors] = {component: {} for component in LORA_COMPONENTS}
     misfits, ranks, kept = [], [], {}
     for component, peft_state in components.items():
         modules = _module_layers(component, peft_state, skipped)
-        model, defaults = models.get(component, (None, ()))
-        layers, target_suffixes = _targets(model, defaults) if model is not None else ({}, ())
+        model = models.get(component)
+        layers, target_suffixes = _targets(model, DEFAULT_TARGETS[component]) if model is not None else ({}, ())
         by_name = {name.removeprefix(TEXT_MODEL_PREFIX): name for name in layers}
         for module, fields in modules.items():
             where = f"{component}.{module}"
@@ -515,7 +600,7 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
             if name is None:
                 if model is None:
                     why = "no text encoder given" if component == "text_encoder" else \
-                        f"{component} is not part of a Stable Diffusion 1.x model"
+                        "no second text encoder (text_encoder_2) given"
                 elif share.matches(module, target_suffixes):
                     misfits.append(f"{where} is not in this model")
                     continue
@@ -551,4 +636,4 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], unet: nn.Module, t
         "skipped_count": len(skipped),
         "metadata": metadata,
     }
-    return result["unet"], result["text_encoder"], info
+    return result, info

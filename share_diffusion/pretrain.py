@@ -154,12 +154,13 @@ def decoder_modules(vae: AutoencoderKL) -> list[torch.nn.Module]:
 
 def train_vae(
     vae: AutoencoderKL, minutes: float, max_steps: int, seed: int, batch_size: int = 8, lr: float = 1e-3,
-    decoder_only: bool = False, anchor: float = 0.0,
+    decoder_only: bool = False, anchor: float = 0.0, precision=MIXED_PRECISION,
 ) -> None:
     """Stage 1 trains the whole VAE; stage 3 (decoder_only) sharpens the decoder alone, so the encoder,
     and so every latent the UNet learned, stays fixed. With `anchor` > 0, stage 1 continues a trained
     VAE while holding the latents of plain scenes (all the UNet ever sees) to the starting encoder's,
-    so the encoder can learn more of everything else without invalidating the UNet."""
+    so the encoder can learn more of everything else without invalidating the UNet. `precision` is
+    the autocast context (bf16 by default; a CPU without AVX512-BF16 is faster in float32)."""
     name = "decoder" if decoder_only else "vae"
     modules = decoder_modules(vae) if decoder_only else [vae]
     parameters = [parameter for module in modules for parameter in module.parameters()]
@@ -175,18 +176,18 @@ def train_vae(
         for group in optimizer.param_groups:
             group["lr"] = max(lr * 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / budget))), 2e-5)
         images = image_batch(world.vae_training_image, rng, batch_size)
-        with torch.set_grad_enabled(not decoder_only), MIXED_PRECISION:
+        with torch.set_grad_enabled(not decoder_only), precision:
             latents = vae.encode(images).latent_dist.mode()
-        with MIXED_PRECISION:
+        with precision:
             recon = vae.decode(latents).sample.float()
         loss = F.l1_loss(recon, images) + F.mse_loss(recon, images)
         if not decoder_only:  # keeps the latents' scale in check, like the KL term of a VAE
             loss = loss + 1e-6 * latents.float().square().sum(dim=(1, 2, 3)).mean()
         if anchor:
             plain = plain_scene_batch(rng, batch_size // 2)
-            with torch.no_grad(), MIXED_PRECISION:
+            with torch.no_grad(), precision:
                 target = starting_vae.encode(plain).latent_dist.mode().float()
-            with MIXED_PRECISION:
+            with precision:
                 drift = F.mse_loss(vae.encode(plain).latent_dist.mode().float(), target) / target.var()
             loss = loss + anchor * drift
         optimizer.zero_grad(set_to_none=True)

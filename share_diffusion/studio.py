@@ -19,11 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from . import share
 from .drift import StyleDrift, allowance, check_budgets, merge_outcome, record_merge
 from .images import ImageSet, load_training_images
 from .library import (
+    STORED_COMPONENTS,
     LibraryError,
     LibraryLock,
     StyleLibrary,
@@ -38,7 +40,7 @@ from .library import (
 )
 from .checkpoints import CheckpointMismatch, TrainingCheckpoint, training_digest
 from .devices import distributed_state, launched_distributed, main_process_verdict
-from .lora_interop import export_lora, read_lora, save_lora
+from .lora_interop import export_lora, read_lora_components, save_lora
 from .errors import first_line
 from .fingerprint import legacy_fingerprint, model_fingerprint
 from .generation import generate_images
@@ -46,11 +48,13 @@ from .library import check_family
 from .loading import model_info
 from .latent_cache import encoding_vae
 from .style_measure import Estimate, StyleMeasure, vae_round_trip
-from .training import (TrainingConfig, TrainingProgress, aspect_buckets, train_style, training_config, training_unet,
-                       with_trigger)
+from .training import (TrainingConfig, TrainingProgress, aspect_buckets, copy_sharing_weights, train_style,
+                       training_config, with_trigger)
 
 DEFAULT_LIBRARY = Path(__file__).resolve().parent.parent / "styles" / "library.safetensors"
 CLASH_POLICIES = ("rename", "replace", "skip", "error")
+#: Seed of the previews of a style before and after a merge (DriftPreview).
+PREVIEW_SEED = 0
 
 
 @dataclass
@@ -64,6 +68,18 @@ class TrainResult:
 
 
 @dataclass
+class DriftPreview:
+    """A style drawn as it is (before) and as a merge would leave it (after): its sample prompt,
+    the same seed, the model's default steps and guidance (Studio.generate)."""
+
+    drift: StyleDrift
+    prompt: str
+    seed: int = PREVIEW_SEED
+    before: Image.Image | None = None
+    after: Image.Image | None = None
+
+
+@dataclass
 class MergeReport:
     """What a merge did, or would do (Studio.check_import)."""
 
@@ -74,8 +90,16 @@ class MergeReport:
     bytes_before: int
     bytes_after: int
     #: per LoRA file: {"kept": {component: {kept, bound, layers_lost}}, "warnings": [...], "skipped_count"}
-    #: (lora_interop.read_lora); a warning for each component that kept under 99.9% of its ΔW energy
+    #: (lora_interop.read_lora_components); a warning for each component that kept under 99.9% of its ΔW energy
     files: dict[str, dict] = field(default_factory=dict)
+    committed: bool = True  # False: a dry run, nothing was written
+    previews: list[DriftPreview] = field(default_factory=list)  # the most drifted earlier styles, worst first
+
+    @property
+    def drifting(self) -> list[StyleDrift]:
+        """The styles the merge cuts (a size limit forces it; float rounding alone is no cut), the
+        most drifted first."""
+        return sorted((d for d in self.drifts if d.cut), key=lambda d: -d.after)
 
     @property
     def warnings(self) -> list[str]:
@@ -138,18 +162,19 @@ class Studio:
             )
 
     def _models(self) -> dict[str, torch.nn.Module]:
-        """The pipeline's components that hold Share layers: the UNet, and the text encoder where
-        it has layers of the library's targets (SDXL's second text encoder is not adapted yet)."""
+        """The pipeline's components that hold Share layers: the UNet, and each text encoder (SDXL
+        has two) where it has layers of the library's targets."""
         models = {"unet": self.pipe.unet}
-        text_encoder = getattr(self.pipe, "text_encoder", None)
-        targets = tuple(self.library.meta["target_modules"]["text_encoder"])
-        if text_encoder is not None and targets and (share.share_layers(text_encoder) or any(
-                share.adaptable(m) and share.matches(n, targets) for n, m in text_encoder.named_modules())):
-            models["text_encoder"] = text_encoder
+        for component in ("text_encoder", "text_encoder_2"):
+            text_encoder = getattr(self.pipe, component, None)
+            targets = tuple(self.library.meta["target_modules"][component])
+            if text_encoder is not None and targets and (share.share_layers(text_encoder) or any(
+                    share.adaptable(m) and share.matches(n, targets) for n, m in text_encoder.named_modules())):
+                models[component] = text_encoder
         return models
 
     def _attach(self) -> None:
-        """Put the library's Share state into the pipeline's UNet and text encoder, on Share layers
+        """Put the library's Share state into the pipeline's UNet and text encoders, on Share layers
         of the library's targets (a rolled-back import may have added others). A layer the file
         lacks (a library from before it was adapted) starts empty, every style with ΔW = 0 in it."""
         style_ids = [record["id"] for record in self.library.styles]
@@ -262,8 +287,8 @@ class Studio:
                action: str, refuse: bool = True) -> list[StyleDrift]:
         """Merge new styles {id: ({component: factors}, scale)} into `models` {component: model} in one
         step (one SVD per layer over all of them), after checking that no style drifts past its budget
-        (drift.py; refuse=False: only report it, for a dry run), and record every style's error. A
-        component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
+        (drift.py; refuse=False: only report it, for the caller to decide), and record every style's
+        error. A component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
         meta = self.library.meta
         ids = share.style_ids(models["unet"]) + list(new)
         records = {r["id"]: r for r in [*meta["styles"], *new_records]}
@@ -325,7 +350,9 @@ class Studio:
         An interrupted training of the same name (checkpoints.py) is continued when `resume` is
         True (and must exist), discarded when False, and continued when None if it was made with
         the same settings and images (else discarded). Under `accelerate launch`, every process
-        trains its share of each batch and only the main one writes the library.
+        trains its share of each batch and only the main one writes the library. With
+        config.text_encoder_lr > 0 the adapted text encoders learn the style too, and every trained
+        model's part is merged in the one merge step.
         """
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
@@ -342,8 +369,10 @@ class Studio:
             # The main process says whether it could open the library for the change; then all train.
             if (refusal := main_process_verdict()) is not None:
                 raise LibraryError(f"the main process stopped: {refusal}")
+            unet, text_encoders = self._training_copies(config)
             try:
-                train_style(self.pipe, training_unet(self.pipe), image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint)
+                train_style(self.pipe, unet, image_set, "helper", trigger, config, cancel=cancel, checkpoint=checkpoint,
+                            text_encoders=text_encoders)  # fmt: skip
             finally:
                 processes.wait_for_everyone()  # until the main process has saved the library
             return TrainResult(name, {}, {}, image_set.rejected, resumed_from=resumed_from)
@@ -359,20 +388,25 @@ class Studio:
             record = self._new_record(
                 name, trigger, images=len(image_set.images), steps=config.steps, preset=preset,
                 sample_prompt=with_trigger("", trigger), training={"learning_rate": config.learning_rate,
+                                                                   "text_encoder_lr": config.text_encoder_lr,
                                                                    "rank": config.rank,
                                                                    "batch_size": config.batch_size, "seed": config.seed},
             )
-            with self._merge_lock:
-                unet = training_unet(self.pipe)
-            trained = train_style(self.pipe, unet, image_set, record["id"], trigger, config,
-                                  progress=progress, preview=preview, cancel=cancel, checkpoint=checkpoint)
-            style_id, factors, scale = share.take_trained_style(trained)
-            record["rank"] = max((b.shape[1] for b, _ in factors.values()), default=0)
-            with self._merge_lock:  # the text encoder is the pipeline's own: it gets the style with ΔW = 0
-                outcome = self._merge(self._models() | {"unet": trained}, {style_id: ({"unet": factors}, scale)},
-                                      [record], "train")
-                share.load_share_state_dict(self.pipe.unet, share.share_state_dict(trained))
-                share.set_active_styles(self.pipe.unet, None)
+            unet, text_encoders = self._training_copies(config)
+            trained = {"unet": train_style(self.pipe, unet, image_set, record["id"], trigger, config, progress=progress,
+                                           preview=preview, cancel=cancel, checkpoint=checkpoint, text_encoders=text_encoders),
+                       **text_encoders}  # fmt: skip
+            taken = {component: share.take_trained_style(model) for component, model in trained.items()}
+            # Every trained layer has the same scale: alpha (the library's) over the rank (the config's).
+            style_id, _, scale = taken["unet"]
+            factors = {component: layer_factors for component, (_, layer_factors, _) in taken.items()}
+            record["rank"] = max((b.shape[1] for part in factors.values() for b, _ in part.values()), default=0)
+            with self._merge_lock:  # a model that did not train is the pipeline's own: it gets the style with ΔW = 0
+                models = self._models()
+                outcome = self._merge(models | trained, {style_id: (factors, scale)}, [record], "train")
+                for component, model in trained.items():
+                    share.load_share_state_dict(models[component], share.share_state_dict(model))
+                    share.set_active_styles(models[component], None)
             before = {d.name: d.before for d in outcome if d.id != style_id}
             after = {d.name: d.after for d in outcome if d.id != style_id}
             self._capture()
@@ -391,6 +425,14 @@ class Studio:
         if config.strength_previews:
             result.strength = self.style_strength(name, image_set, config.strength_previews)
         return result
+
+    def _training_copies(self, config: TrainingConfig) -> tuple[torch.nn.Module, dict[str, torch.nn.Module]]:
+        """Copies of the UNet and, when config.text_encoder_lr > 0, of the adapted text encoders, that
+        share the frozen weights: a style trains on them while the pipeline keeps generating."""
+        with self._merge_lock:
+            models = self._models()
+            text_encoders = {c: model for c, model in models.items() if c != "unet"} if config.text_encoder_lr > 0 else {}
+            return copy_sharing_weights(models["unet"]), {c: copy_sharing_weights(m) for c, m in text_encoders.items()}
 
     def interrupted_training(self, name: str) -> int | None:
         """The step at which a training of style `name` was interrupted, if one can be resumed
@@ -435,14 +477,33 @@ class Studio:
 
     def import_with_report(self, paths: list, on_clash: str = "rename") -> MergeReport:
         """import_files, returning its MergeReport: with each LoRA file's kept energy and warnings."""
-        return self._import(paths, on_clash, commit=True)
+        return self._import(paths, on_clash, commit=lambda report: True)
 
     def check_import(self, paths: list, on_clash: str = "rename") -> MergeReport:
         """What import_files would do (names, every style's error after, basis rank and file size
         before and after), computed in full and then rolled back: nothing is written."""
-        return self._import(paths, on_clash, commit=False)
+        return self._import(paths, on_clash, commit=lambda report: False)
 
-    def _import(self, paths: list, on_clash: str, commit: bool) -> MergeReport:
+    def import_unless_drifting(self, paths: list, on_clash: str = "rename", previews: int = 0) -> MergeReport:
+        """import_with_report if the merge adds styles and cuts none; else check_import (nothing is
+        written, report.committed is False) with up to `previews` of the most drifted earlier styles
+        drawn before and after the merge, for the user to confirm with import_files or to drop."""
+        return self._import(paths, on_clash, commit=lambda report: bool(report.names) and not report.drifting,
+                            previews=previews)
+
+    def sample_prompt(self, name: str) -> str:
+        """The prompt a style is shown with: the one it was learned with, else its trigger alone."""
+        record = self.library.style(name)
+        return record.get("sample_prompt") or with_trigger("", record["trigger"])
+
+    def _draw(self, preview: DriftPreview) -> Image.Image:
+        return self.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0]
+
+    def _import(self, paths: list, on_clash: str, commit: Callable[[MergeReport], bool],
+                previews: int = 0) -> MergeReport:
+        """The merge of `paths`, kept if commit(report), else rolled back (report.committed False)
+        with `previews` of the most drifted earlier styles: the after images are drawn in the
+        merged state before the rollback, the before images after it."""
         if on_clash not in CLASH_POLICIES:
             raise ValueError(f"on_clash must be one of {CLASH_POLICIES}")
         incoming, files = [], {}
@@ -455,8 +516,7 @@ class Studio:
             except LibraryError as error:
                 if "not a Share Studio style library" not in str(error):
                     raise
-                factors_unet, factors_text, info = read_lora(path, models["unet"], models.get("text_encoder"))
-                factors = {"unet": factors_unet, "text_encoder": factors_text}
+                factors, info = read_lora_components(path, models)
                 files[path.name] = {k: info[k] for k in ("kept", "warnings", "skipped_count")}
                 name = style_name_from(path.stem)
                 incoming.append((name, default_trigger(name), factors, {"imported": f"LoRA {path.name}"}))
@@ -490,19 +550,27 @@ class Studio:
             if new:
                 with self._merge_lock:
                     self._add_layers(models, [factors for factors, _ in new.values()])
-                    drifts = self._merge(models, new, records, "import", refuse=commit)
+                    drifts = self._merge(models, new, records, "import", refuse=False)  # refused below, if kept
                     for model in models.values():
                         share.set_active_styles(model, None)
             self._capture()
             report = MergeReport([r["name"] for r in records], drifts, rank_before, self.library.basis_rank(),
                                  bytes_before, len(self.library.to_bytes()), files)
-            if not commit:
-                raise _DryRun(report)
-            return report
+            if commit(report):
+                check_budgets(drifts, self.library.meta["share"]["max_basis_rank"])
+                return report
+            report.committed = False
+            earlier = [d for d in report.drifting if d.name not in report.names]
+            report.previews = [DriftPreview(d, self.sample_prompt(d.name)) for d in earlier[:previews]]
+            for preview in report.previews:
+                preview.after = self._draw(preview)
+            raise _DryRun(report)
 
         try:
             return self._transaction(change)
-        except _DryRun as dry_run:
+        except _DryRun as dry_run:  # the library is as it was again
+            for preview in dry_run.report.previews:
+                preview.before = self._draw(preview)
             return dry_run.report
 
     def _remove(self, name: str) -> None:
@@ -566,12 +634,14 @@ class Studio:
 
     def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
         record = self.library.style(name)
-        factors_unet, factors_text = (library_style_factors(self.library, record["id"], c) for c in ("unet", "text_encoder"))
+        factors = {c: library_style_factors(self.library, record["id"], c) for c in STORED_COMPONENTS}
         conv_shapes = {layer_name: layer.weight.shape for model in self._models().values()
                        for layer_name, layer in share.share_layers(model).items() if layer.is_conv}
+        state = export_lora(factors["unet"], factors["text_encoder"], format=format, factors_text_2=factors["text_encoder_2"],
+                            unet_config=self.pipe.unet.config, conv_shapes=conv_shapes)
         out = Path(out)
-        save_lora(out, export_lora(factors_unet, factors_text, format=format, conv_shapes=conv_shapes),
-                  metadata={"style": name, "trigger": record["trigger"], "base_model": self.library.meta["base_model"]["id"]})
+        save_lora(out, state, metadata={"style": name, "trigger": record["trigger"],
+                                        "base_model": self.library.meta["base_model"]["id"]})
         return out
 
 

@@ -5,6 +5,10 @@ Only the new style's loadings and its temporary basis directions are trained (se
 the scheduler says so) added to the images' latents. The loop runs on its own copy of the UNet that
 shares the frozen base weights, so the pipeline keeps generating with the library's styles while a
 style trains; the caller merges the trained copy back.
+
+With a text-encoder learning rate (kohya sd-scripts' ``--text_encoder_lr``), copies of the text
+encoders learn the style too, on their attention's Share layers: the conditioning is then computed
+with gradients through them, and the optimizer has one parameter group per learning rate.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import copy
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,7 +36,7 @@ from .errors import ShareStudioError
 from .families import SDXL, architecture
 from .images import AspectBuckets, ImageSet
 from .latent_cache import encode_images_cached
-from .share import UNET_TARGET_MODULES, begin_style_training, share_layers
+from .share import CLIP_TARGET_MODULES, UNET_TARGET_MODULES, begin_style_training, share_layers
 
 
 class TrainingCancelled(ShareStudioError):
@@ -50,7 +54,7 @@ MIXED_PRECISIONS = ("auto", "no", "fp16", "bf16")
 @dataclass
 class TrainingConfig:
     steps: int = 300
-    learning_rate: float = 2e-3
+    learning_rate: float = 4e-3
     rank: int = 4
     batch_size: int = 8
     caption_dropout: float = 0.1  # how often the caption is the bare trigger
@@ -68,6 +72,7 @@ class TrainingConfig:
     strength_previews: int = 8  # previews scored against the training images afterwards; 0 = none
     checkpoint_every: int = 100  # steps between resumable checkpoints (checkpoints.py); 0 = only on cancel
     latent_cache: str | None = None  # a folder for the images' VAE latents, reused by later trainings
+    text_encoder_lr: float = 0.0  # the text encoders' learning rate (kohya's --text_encoder_lr); 0 = they stay frozen
 
     def __post_init__(self):
         if self.lr_schedule not in LR_SCHEDULES:
@@ -76,13 +81,16 @@ class TrainingConfig:
             raise ValueError(f"mixed_precision must be one of {', '.join(MIXED_PRECISIONS)}, not {self.mixed_precision!r}")
         if self.gradient_accumulation < 1 or self.warmup_steps < 0 or self.min_snr_gamma < 0 or self.checkpoint_every < 0:
             raise ValueError("gradient accumulation must be at least 1; warm-up steps, min-SNR γ and checkpoint_every at least 0")
+        if not self.text_encoder_lr >= 0:
+            raise ValueError(f"the text-encoder learning rate must be at least 0 (0: frozen), not {self.text_encoder_lr}")
 
 
 # Presets per kind of base model. A style trains as a LoRA does, so one step moves ΔW as far at every
 # layer width (benchmarks/results/step_size.md) and LoRA learning rates carry over.
-#   embedded    the 64-px model in assets/: learns a procedural style in a few CPU minutes; its learning
-#               rate was swept on the tuning styles only (benchmarks/results/learning_rates.md), and it
-#               was pretrained with noise offset 0.1, so it trains with the same.
+#   embedded    the 64-px model in assets/: learns a procedural style in a few CPU minutes; its quick
+#               learning rate is the best of a sweep on the tuning styles only, by a rule fixed before
+#               the sweep (benchmarks/results/learning_rates*.md), and it was pretrained with noise
+#               offset 0.1, so it trains with the same.
 #   checkpoint  real SD 1.x/2.x checkpoints: the learning rate, rank and batch of kohya sd-scripts' and
 #               the diffusers LoRA script's defaults, noise offset 0 (they were not trained with one).
 #   sdxl        real SDXL checkpoints, at 1024 px: kohya sd-scripts' usual SDXL LoRA settings (U-Net
@@ -91,7 +99,7 @@ class TrainingConfig:
 #   Neither checkpoint set is measured here: no real weights can be fetched on our machines.
 PRESETS = {
     "embedded": {
-        "quick": TrainingConfig(steps=300, learning_rate=2e-3, rank=4, batch_size=8),
+        "quick": TrainingConfig(steps=300, learning_rate=4e-3, rank=4, batch_size=8),
         "quality": TrainingConfig(steps=1200, learning_rate=1e-3, rank=8, batch_size=8),
     },
     "checkpoint": {
@@ -187,6 +195,26 @@ def training_unet(pipe: StableDiffusionPipeline) -> torch.nn.Module:
     return copy_sharing_weights(pipe.unet)
 
 
+def pipeline_with(pipe: StableDiffusionPipeline, **components) -> StableDiffusionPipeline:
+    """A pipeline of `pipe`'s class and components with some replaced (training copies, a scheduler);
+    `pipe` itself is unchanged, so it keeps generating meanwhile."""
+    return type(pipe)(**{**pipe.components, **components})
+
+
+class TrainingModels(torch.nn.Module):
+    """The UNet and the text encoders that learn with it, as one module: under DDP, the module that
+    accelerate wraps must hold every trained parameter for their gradients to be averaged. Its
+    forward is the UNet's; the text encoders run where the conditioning is computed (StyleBatches)."""
+
+    def __init__(self, unet: torch.nn.Module, text_encoders: Mapping[str, torch.nn.Module]):
+        super().__init__()
+        self.unet = unet
+        self.text_encoders = torch.nn.ModuleDict(text_encoders)
+
+    def forward(self, *args, **kwargs):
+        return self.unet(*args, **kwargs)
+
+
 class StyleBatches:
     """Random training batches of one style's images: (noisy latents, timesteps, conditioning, target).
 
@@ -195,10 +223,14 @@ class StyleBatches:
     gradients averaged, learn what one process learns from the whole batch. A batch comes from one
     aspect-ratio bucket (images of one size), drawn in proportion to its images; with a single
     bucket no bucket is drawn, so the random draws are those of a square-only training.
+
+    The conditioning comes from the pipeline's own text encoders, without gradients, or, when
+    `text_encoders` {component: training copy} are given, from those, with gradients: they learn.
     """
 
     def __init__(self, pipe: StableDiffusionPipeline, images: ImageSet, trigger: str, config: TrainingConfig,
-                 rng: np.random.Generator, generator: torch.Generator, rank: int = 0, ranks: int = 1):  # fmt: skip
+                 rng: np.random.Generator, generator: torch.Generator, rank: int = 0, ranks: int = 1,
+                 text_encoders: Mapping[str, torch.nn.Module] | None = None):  # fmt: skip
         if config.batch_size % ranks:
             raise TrainingFailed(f"the batch size ({config.batch_size}) must be a multiple of the {ranks} processes")
         self.pipe, self.trigger, self.config, self.rng, self.generator = pipe, trigger, config, rng, generator
@@ -208,7 +240,8 @@ class StyleBatches:
         self.buckets = [ImageBucket.encoded(pipe, bucket, trigger, cache) for bucket in by_size(images)]
         counts = np.array([len(bucket.images) for bucket in self.buckets], dtype=float)
         self.bucket_weights = counts / counts.sum()
-        self.conditioning = unet_conditioning(pipe)
+        self.text_encoders_learn = bool(text_encoders)
+        self.conditioning = unet_conditioning(pipeline_with(pipe, **text_encoders) if text_encoders else pipe)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
 
     @torch.no_grad()
@@ -224,7 +257,8 @@ class StyleBatches:
         noise = sample_noise(latents.shape, config.noise_offset, generator)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (config.batch_size,), generator=generator)
         latents, noise, timesteps = latents[mine], noise[mine], timesteps[mine]
-        conditioning = self.conditioning(texts[mine], [bucket.images[i] for i in index[mine]], flip[mine].tolist(), device)
+        with torch.set_grad_enabled(self.text_encoders_learn):
+            conditioning = self.conditioning(texts[mine], [bucket.images[i] for i in index[mine]], flip[mine].tolist(), device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
@@ -285,19 +319,31 @@ def train_style(
     preview_prompt: str | None = None,
     cancel: threading.Event | None = None,
     checkpoint: TrainingCheckpoint | None = None,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
 ) -> torch.nn.Module:
     """Train a new style on `unet`, a `training_unet(pipe)` copy, and return it for `finish_style_training`.
 
+    When config.text_encoder_lr > 0, the style also learns on `text_encoders` {component: a
+    `copy_sharing_weights` copy with Share layers}, which the caller then merges as well.
     The pipeline itself is never changed. Raises TrainingCancelled when `cancel` is set, and
     TrainingFailed when the loss stops being finite. With a `checkpoint`, continues it if it exists.
     """
     if not share_layers(unet):
         raise TrainingFailed("the UNet has no Share layers; open a style library first")
-    for layer in share_layers(unet).values():
-        layer.config = replace(layer.config, rank=config.rank)
-    # Its own generator, so the batches are the same as a LoRA's trained with the same seed.
-    parameters = begin_style_training(unet, style_id, torch.Generator().manual_seed(config.seed), UNET_TARGET_MODULES)
-    return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel, checkpoint)
+    text_encoders = dict(text_encoders or {}) if config.text_encoder_lr > 0 else {}
+    if config.text_encoder_lr > 0 and not (text_encoders and all(share_layers(m) for m in text_encoders.values())):
+        raise TrainingFailed("a text-encoder learning rate needs text encoders with Share layers; open a style library first")
+    for model in [unet, *text_encoders.values()]:
+        for layer in share_layers(model).values():
+            layer.config = replace(layer.config, rank=config.rank)
+    # Its own generator, so the batches are the same as a LoRA's trained with the same seed; the
+    # text encoders draw theirs after the UNet's, which are then those of a UNet-only training.
+    generator = torch.Generator().manual_seed(config.seed)
+    parameters = begin_style_training(unet, style_id, generator, UNET_TARGET_MODULES)
+    text_parameters = [p for model in text_encoders.values()
+                       for p in begin_style_training(model, style_id, generator, CLIP_TARGET_MODULES)]
+    return fit(pipe, unet, parameters, images, trigger, config, progress, preview, preview_prompt, cancel, checkpoint,
+               text_encoders, text_parameters)  # fmt: skip
 
 
 def fit(
@@ -312,10 +358,14 @@ def fit(
     preview_prompt: str | None = None,
     cancel: threading.Event | None = None,
     checkpoint: TrainingCheckpoint | None = None,
+    text_encoders: Mapping[str, torch.nn.Module] | None = None,
+    text_parameters: Sequence[torch.nn.Parameter] = (),
 ) -> torch.nn.Module:
     """The latent-diffusion loop: `parameters` of `unet` learn the style's images; returns `unet`.
+    With `text_encoders` {component: training copy}, the conditioning runs through them and their
+    `text_parameters` learn too, at config.text_encoder_lr.
 
-    Only `parameters` must require gradients (a style in training, or e.g. a PEFT LoRA's). Under
+    Only the parameters given must require gradients (a style in training, or e.g. a PEFT LoRA's). Under
     `accelerate launch` the processes share the batch and average their gradients. With a
     `checkpoint`, the loop continues from it when it exists, saves one every
     `config.checkpoint_every` steps, and saves one when cancelled.
@@ -329,18 +379,19 @@ def fit(
     compute_dtype = training_precision(model_dtype, requested_precision(config))
     if config.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
-    unet.train()
-    optimizer = make_optimizer(parameters, config)
+    models = TrainingModels(unet, text_encoders or {})
+    models.train()
+    optimizer = make_optimizer(parameters, config, text_parameters)
     schedule = "constant_with_warmup" if config.lr_schedule == "constant" else config.lr_schedule
     lr_schedule = get_scheduler(schedule, optimizer, num_warmup_steps=config.warmup_steps, num_training_steps=config.steps)
     scaler = torch.amp.GradScaler(pipe.device.type, enabled=compute_dtype == torch.float16)
-    unet = accelerator.prepare(unet)
+    models = accelerator.prepare(models)
     device = pipe.device
 
-    state = TrainingState(0, parameters, optimizer, lr_schedule, scaler, np.random.default_rng(config.seed),
-                          torch.Generator().manual_seed(config.seed))  # fmt: skip
+    state = TrainingState(0, [*parameters, *text_parameters], optimizer, lr_schedule, scaler,
+                          np.random.default_rng(config.seed), torch.Generator().manual_seed(config.seed))  # fmt: skip
     batches = StyleBatches(pipe, images, trigger, config, state.numpy_generator, state.torch_generator,
-                           accelerator.process_index, accelerator.num_processes)  # fmt: skip
+                           accelerator.process_index, accelerator.num_processes, text_encoders)  # fmt: skip
     if checkpoint is not None and checkpoint.exists():
         state.step = checkpoint.restore(state)
 
@@ -359,9 +410,9 @@ def fit(
         for micro_step in range(config.gradient_accumulation):
             noisy, timesteps, conditioning, target = batches.next(device)
             synchronise = micro_step == config.gradient_accumulation - 1
-            with contextlib.nullcontext() if synchronise else accelerator.no_sync(unet):
+            with contextlib.nullcontext() if synchronise else accelerator.no_sync(models):
                 with torch.autocast(device.type, dtype=compute_dtype or torch.float32, enabled=compute_dtype is not None):
-                    prediction = unet(noisy.to(model_dtype), timesteps, **conditioning.kwargs(model_dtype)).sample
+                    prediction = models(noisy.to(model_dtype), timesteps, **conditioning.kwargs(model_dtype)).sample
                 errors = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
                 if config.min_snr_gamma:
                     errors = errors * min_snr_weights(batches.noise_scheduler, timesteps, config.min_snr_gamma)
@@ -374,7 +425,7 @@ def fit(
                 accelerator.backward(scaler.scale(batch_loss))
             loss = loss + batch_loss.detach().cpu()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        torch.nn.utils.clip_grad_norm_(state.parameters, 1.0)
         scaler.step(optimizer)
         scaler.update()
         lr_schedule.step()
@@ -387,12 +438,13 @@ def fit(
         if progress is not None:
             progress(TrainingProgress(step, config.steps, loss.item(), time.time() - start, first_step))
         if preview is not None and config.preview_every and step % config.preview_every == 0 and accelerator.is_main_process:
-            preview(step, preview_images(pipe, accelerator.unwrap_model(unet), preview_prompt or with_trigger("", trigger)))
-    unet = accelerator.unwrap_model(unet)
-    unet.eval()
+            trained = accelerator.unwrap_model(models)
+            preview(step, preview_images(pipe, trained.unet, preview_prompt or with_trigger("", trigger), trained.text_encoders))
+    models = accelerator.unwrap_model(models)
+    models.eval()
     if config.gradient_checkpointing:
         unet.disable_gradient_checkpointing()
-    return unet
+    return models.unet
 
 
 def requested_precision(config: TrainingConfig) -> str:
@@ -438,21 +490,28 @@ def sample_noise(shape: torch.Size, offset: float, generator: torch.Generator | 
     return noise
 
 
-def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig) -> torch.optim.Optimizer:
+def make_optimizer(parameters: list[torch.nn.Parameter], config: TrainingConfig,
+                   text_parameters: Sequence[torch.nn.Parameter] = ()) -> torch.optim.Optimizer:  # fmt: skip
+    """AdamW with the UNet's parameters at config.learning_rate and, as a second group, the text
+    encoders' at config.text_encoder_lr."""
+    groups = [{"params": list(parameters), "lr": config.learning_rate}]
+    if text_parameters:
+        groups.append({"params": list(text_parameters), "lr": config.text_encoder_lr})
     if config.use_8bit_adam:
         try:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingFailed("8-bit Adam needs bitsandbytes: pip install -r requirements-gpu.txt") from None
-        return bnb.optim.AdamW8bit(parameters, lr=config.learning_rate)
-    return torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=1e-4)
+        return bnb.optim.AdamW8bit(groups, lr=config.learning_rate)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=1e-4)
 
 
 @torch.no_grad()
-def preview_images(pipe: StableDiffusionPipeline, unet: torch.nn.Module, prompt: str, seed: int = 0) -> list:
+def preview_images(pipe: StableDiffusionPipeline, unet: torch.nn.Module, prompt: str,
+                   text_encoders: Mapping[str, torch.nn.Module] | None = None, seed: int = 0) -> list:  # fmt: skip
     # Its own scheduler: the pipeline's may be stepping a user's generation at the same time.
     scheduler = pipe.scheduler.__class__.from_config(pipe.scheduler.config)
-    preview_pipe = type(pipe)(**{**pipe.components, "unet": unet, "scheduler": scheduler})
+    preview_pipe = pipeline_with(pipe, unet=unet, scheduler=scheduler, **(text_encoders or {}))
     preview_pipe.set_progress_bar_config(disable=True)
     generator = torch.Generator().manual_seed(seed)
     return preview_pipe(prompt, num_inference_steps=15, guidance_scale=4.0, generator=generator).images

@@ -13,15 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 gr = pytest.importorskip("gradio")
 
 from app.callbacks import NO_STYLE, StudioCallbacks  # noqa: E402
 from app.ui import build_app  # noqa: E402
+from share_diffusion import share  # noqa: E402
+from share_diffusion.drift import percent  # noqa: E402
 from share_diffusion.generation import native_size  # noqa: E402
 from share_diffusion.library import StyleLibrary  # noqa: E402
 from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline, model_info  # noqa: E402
+from share_diffusion.lora_interop import export_lora, save_lora  # noqa: E402
 from share_diffusion.png_metadata import read_png_metadata  # noqa: E402
 from share_diffusion.studio import Studio  # noqa: E402
 
@@ -159,33 +163,78 @@ def test_export_library_and_lora_then_import_them(cb, pipe, tmp_path):
     assert rows[2][6] == 4 and rows[2][7].endswith("(1%)")  # its own rank; its ΔW error and budget
 
 
-def test_import_shows_every_styles_drift_before_it_is_confirmed(cb, pipe, tmp_path):
-    """Import first reports what the merge would do, writing nothing; under a size limit that would
-    drift a style past its budget, it says which and by how much, and offers no Confirm."""
-    import torch
-
-    from share_diffusion import share
-    from share_diffusion.lora_interop import export_lora, save_lora
-
-    train(cb, example_files("hatching"), "Hatching")
-    g = torch.Generator().manual_seed(0)
-    factors = {name: (0.05 * torch.randn(layer.d_out, 4, generator=g),
-                      0.05 * torch.randn(layer.d_in, 4, generator=g))
+def random_lora(pipe, path: Path, seed: int, rank: int = 4) -> Path:
+    """A LoRA file of random rank-`rank` factors over every Share layer of the UNet."""
+    g = torch.Generator().manual_seed(seed)
+    factors = {name: (0.05 * torch.randn(layer.d_out, rank, generator=g),
+                      0.05 * torch.randn(layer.d_in, rank, generator=g))
                for name, layer in share.share_layers(pipe.unet).items()}
-    lora = save_lora(tmp_path / "Other.safetensors", export_lora(factors))
-    saved = cb.studio.path.read_bytes()
-    report, confirm = cb.check_import([str(lora)], "rename")
-    assert "basis rank k 4 → 8" in report and "Every style stays within its budget" in report
-    assert "| Other | new |" in report and confirm["visible"] is True
-    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["Hatching"]
+    return save_lora(path, export_lora(factors))
 
+
+def test_an_import_that_drifts_nothing_is_done_at_once_without_previews(cb, tmp_path):
+    first, second = (str(random_lora(cb.pipe, tmp_path / f"{name}.safetensors", seed))
+                     for seed, name in enumerate(("First", "Second")))
+    assert "Imported **First** in one merge (basis rank k 0 → 4" in cb.start_import([first], "rename")[0]
+    report, previews, confirm, cancel = cb.start_import([second], "rename")
+    assert report.startswith("Imported **Second** in one merge (basis rank k 4 → 8") and "no style drifted" in report
+    assert previews == {"__type__": "update", "value": [], "visible": False}
+    assert confirm["visible"] is False and cancel["visible"] is False
+    assert [s["name"] for s in StyleLibrary.load(cb.studio.path).styles] == ["First", "Second"]
+    saved = cb.studio.path.read_bytes()
+    assert "Nothing to import" in cb.start_import([second], "skip")[0] and cb.studio.path.read_bytes() == saved
+
+
+def test_an_import_that_drifts_a_style_shows_it_before_and_after_and_confirm_draws_the_after(cb, tmp_path):
+    """Under a size limit the import would cut the earlier style (within its budget of 100%): the
+    report shows it before and after, writes nothing, and Confirm makes the library draw the after."""
+    first, second = (str(random_lora(cb.pipe, tmp_path / f"{name}.safetensors", seed))
+                     for seed, name in enumerate(("First", "Second")))
+    cb.save_drift_settings(100, 0)
+    cb.start_import([first], "rename")
+    cb.save_drift_settings(100, 5)  # 4 directions used; Second needs 4 more
+    saved = cb.studio.path.read_bytes()
+    report, previews, confirm, cancel = cb.start_import([second], "rename")
+    assert "would drift under the size limit, each within its budget" in report and "**Confirm** to import" in report
+    assert "| First | " in report and "| Second | new |" in report
+    assert previews["visible"] is True and confirm["visible"] is True and cancel["visible"] is True
+    (before, before_caption), (after, after_caption) = previews["value"]
+    assert before_caption == "First · before" and after_caption.startswith("First · after (drift ")
+    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["First"]
+
+    meta = read_png_metadata(after)
+    assert meta["prompt"] == cb.studio.sample_prompt("First") and read_png_metadata(before)["seed"] == meta["seed"]
+
+    def drawn() -> np.ndarray:
+        image = cb.studio.generate(meta["prompt"], style="First", add_trigger=False, seed=meta["seed"])[0][0]
+        return np.asarray(image, dtype=np.float32)
+
+    assert np.abs(drawn() - pixels(before)).max() <= 1.0  # the library as it is
+    assert np.abs(pixels(after) - pixels(before)).max() > 1.0  # the cut shows
+
+    message, previews, confirm, cancel = cb.import_files([second], "rename")
+    assert message == "Imported **Second** in one merge."
+    assert previews["visible"] is False and confirm["visible"] is False and cancel["visible"] is False
+    assert np.abs(drawn() - pixels(after)).max() <= 1.0  # the library now draws what the preview showed
+    assert after_caption == f"First · after (drift {percent(cb.studio.library.style('First')['error'])})"
+
+
+def test_cancelling_an_import_past_the_budget_leaves_the_library_file_byte_identical(cb, tmp_path):
+    """Under a size limit that would push the earlier style past its 1% budget: the report says so,
+    with the style before and after, offers no Confirm, and Cancel leaves every byte as it was."""
+    first, second = (str(random_lora(cb.pipe, tmp_path / f"{name}.safetensors", seed))
+                     for seed, name in enumerate(("First", "Second")))
+    cb.start_import([first], "rename")
     assert "size limit 5" in cb.save_drift_settings(1, 5)
-    report, confirm = cb.check_import([str(lora)], "rename")
-    assert "Not possible under the size limit" in report and "**over budget**" in report and confirm["visible"] is False
-    assert cb.studio.path.read_bytes() != saved and cb.studio.style_names() == ["Hatching"]  # only the settings
-    cb.save_drift_settings(1, 0)  # no limit
-    assert "in one merge" in cb.import_files([str(lora)], "rename")[0]
-    assert cb.studio.style_names() == ["Hatching", "Other"]
+    saved = cb.studio.path.read_bytes()
+    report, previews, confirm, cancel = cb.start_import([second], "rename")
+    assert "Not possible under the size limit" in report and "**over budget**" in report
+    assert confirm["visible"] is False and cancel["visible"] is True
+    assert [caption.split(" (")[0] for _, caption in previews["value"]] == ["First · before", "First · after"]
+    message, previews, confirm, cancel = cb.cancel_import()
+    assert message == "Import cancelled: the library is unchanged."
+    assert previews["value"] == [] and not (previews["visible"] or confirm["visible"] or cancel["visible"])
+    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["First"]
 
 
 def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):

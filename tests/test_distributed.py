@@ -50,16 +50,24 @@ def test_each_process_keeps_its_own_slice_of_the_same_global_batch(tiny_pipe, tm
     assert len(noisy[0]) == 2 and not torch.equal(*noisy) and not torch.equal(*timesteps)  # of different items
 
 
+def train_in_two_processes(model: Path, pictures: Path, library: Path, port: int, *options: str) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a 6-step training of style "grain" with a total batch of 4 on two
+    CPU processes; it must succeed."""
+    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "share_diffusion",
+              "train", "--library", str(library), "--name", "grain", "--images", str(pictures), "--model", str(model),
+              "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--strength-previews", "0", *options]  # fmt: skip
+    # About 40 s on 2 idle cores; the limit only stops a hang (2 gloo processes crawl on a loaded machine).
+    run = subprocess.run(launch, env=environment, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
 def test_two_cpu_processes_train_one_style_as_one_process_does_with_the_same_total_batch(tiny_pipeline_dir, tmp_path):
     pictures = write_pictures(tmp_path / "pictures")
     library = tmp_path / "library.safetensors"
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517", "-m", "share_diffusion",
-              "train", "--library", str(library), "--name", "grain", "--images", str(pictures), "--model", str(tiny_pipeline_dir),
-              "--steps", "6", "--batch-size", "4", "--lr", "1e-2", "--strength-previews", "0"]  # fmt: skip
-    run = subprocess.run(launch, env=environment, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
+    run = train_in_two_processes(tiny_pipeline_dir, pictures, library, 29517)
     assert run.stdout.count("learned style 'grain'") == 1  # only the main process reports, and writes
 
     saved = StyleLibrary.load(library)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -195,6 +196,31 @@ def test_a_merge_past_the_budget_under_a_size_limit_is_refused_and_writes_nothin
     studio.import_files(paths[2:])
     assert studio.library.basis_rank() == 32
     assert all(r["error"] <= 1e-5 and r["error_exact"] for r in studio.library.styles)
+
+
+def test_an_import_that_cuts_is_held_with_the_most_drifted_styles_drawn_before_and_after(pipe, tmp_path):
+    """import_unless_drifting keeps a merge that cuts no style; one that cuts is rolled back, with
+    the most drifted earlier styles (at most `previews`, worst first) drawn as the library draws
+    them now and as the merge would leave them."""
+    studio = Studio(pipe, tmp_path / "library.safetensors")
+    studio.configure(drift_budget=1.0)  # room to cut: the point is the hold
+    paths = lora_files(pipe, tmp_path, 3, rank=8, seed=5)
+    kept = studio.import_unless_drifting(paths[:2], previews=1)
+    assert kept.committed and kept.drifting == [] and kept.previews == []
+    assert StyleLibrary.load(studio.path).basis_rank() == 16
+    studio.configure(size_limit=20)  # the third style needs 8 directions more
+    saved = studio.path.read_bytes()
+
+    held = studio.import_unless_drifting(paths[2:], previews=1)
+    assert not held.committed and held.names == ["lora-5-02"]
+    earlier = [d for d in held.drifting if d.name != "lora-5-02"]
+    assert len(earlier) == 2 and earlier[0].after >= earlier[1].after > share.EXACT
+    [preview] = held.previews
+    assert preview.drift == earlier[0] and preview.prompt == studio.sample_prompt(earlier[0].name)
+    assert studio.path.read_bytes() == saved and studio.style_names() == ["lora-5-00", "lora-5-01"]
+    now = studio.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0]
+    assert np.array_equal(np.asarray(now), np.asarray(preview.before))
+    assert not np.array_equal(np.asarray(preview.before), np.asarray(preview.after))
 
 
 def test_budgets_and_errors_show_in_list_and_settings(pipe, tmp_path):

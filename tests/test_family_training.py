@@ -211,7 +211,7 @@ def test_each_family_gets_its_conditioning_presets_and_generation_defaults(famil
     quick = training_config("quick", "single_file", "sdxl")
     assert (quick.learning_rate, quick.batch_size, quick.gradient_checkpointing) == (1e-4, 1, True)
     assert training_config("quick", "single_file", "sd2-v").batch_size == 4
-    assert training_config("quick", "embedded", "sd1").learning_rate == 2e-3
+    assert training_config("quick", "embedded", "sd1").learning_rate == 4e-3
     assert (generation_defaults(sdxl).steps, generation_defaults(sdxl).guidance) == (30, 5.0)
     assert (generation_defaults(sd2).steps, generation_defaults(sd2).guidance) == (20, 4.0)
 

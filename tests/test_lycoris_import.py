@@ -42,24 +42,31 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual - expected).norm() / expected.norm())
 
 
+def add_locon(unet, seed: int, std: float) -> dict[str, torch.Tensor]:
+    """A LoCon PEFT adapter on `unet` as if trained (lora_B random, std `std`, no longer zero): its
+    PEFT state dict."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=LOCON_TARGETS))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if "lora_B" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * std)
+    return get_peft_model_state_dict(unet)
+
+
 @pytest.fixture(scope="module")
 def locon(tmp_path_factory):
     """(kohya LoCon file, the image diffusers draws with it, the base image)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
 
     folder = tmp_path_factory.mktemp("locon")
     pipe = fresh_pipe()
     base = draw(pipe)
-    pipe.unet.add_adapter(LoraConfig(r=RANK, lora_alpha=ALPHA, init_lora_weights="gaussian", target_modules=LOCON_TARGETS))
-    generator = torch.Generator().manual_seed(11)
-    with torch.no_grad():
-        for name, parameter in pipe.unet.named_parameters():
-            if "lora_B" in name:
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.03)
-    state = get_peft_model_state_dict(pipe.unet)
+    state = add_locon(pipe.unet, seed=11, std=0.03)
     assert any(v.dim() == 4 and v.shape[2:] == (3, 3) for v in state.values()), "3×3 conv LoRA layers"
     kohya = {key: torch.tensor(float(ALPHA)) if key.endswith(".alpha") else value
              for key, value in convert_state_dict_to_kohya(StableDiffusionPipeline.pack_weights(state, "unet")).items()}

@@ -457,6 +457,7 @@ BAD_METADATA = {
     "alpha is text": lambda m: m["share"].update(alpha="x"),
     "base model id missing": lambda m: m["base_model"].pop("id"),
     "target modules is a string": lambda m: m["target_modules"].update(unet="to_q"),
+    "text_encoder_2 target modules is a string": lambda m: m["target_modules"].update(text_encoder_2="q_proj"),
     "next style number is text": lambda m: m.update(next_style_number="3"),
     "next style number reuses an id": lambda m: m.update(next_style_number=1),
     "style error missing": lambda m: m["styles"][0].pop("error"),
