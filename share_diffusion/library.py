@@ -23,6 +23,12 @@ SDXL's second text encoder (`text_encoder_2`) joined version 3 the same way: a f
 targets gets CLIP_LORA_MODULES, and its layers start empty. (Share Studio from before it cannot
 open an SDXL library that holds text_encoder_2 tensors: it names the unexpected tensor.)
 
+A layer outside those that an imported file touches (a LoCon's k×k convolutions, the resnets'
+time_emb_proj and conv_shortcut) gets a Share layer of its own, and only such a layer: its whole
+module name joins `target_modules` (PEFT's rule matches a whole name as it matches a suffix), so
+the metadata records which layers a library holds. Every version-3 reader injects by that rule,
+so this needs no new version, and a library without such layers loads as it always did.
+
 Styles have a stable internal id ("s1", "s2", ...) used in tensor names, and a display name that
 users may change freely. Writes are atomic (temporary file, fsync, rename) and keep the previous
 version as `<file>.bak`, which is what "undo the last merge" restores. Loading validates everything

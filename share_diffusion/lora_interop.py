@@ -23,6 +23,10 @@ maps them back by the UNet config, see sgm_unet_name); and text-encoder layers a
 `text_model.` (transformers ≥ 5.6 flattened CLIPTextModel; files keep the classic names, and
 diffusers strips the prefix when loading).
 
+LyCORIS files use the kohya names: LoCon layers are plain lora_down/lora_up (a convolution's
+ΔW flattened to d_out × (c_in·k_h·k_w)); LoHa and LoKr layers become the truncated SVD of their ΔW
+(lycoris.py), and what that leaves out is reported with the rest.
+
 Pickle-based files are never opened. Everything a user can get wrong raises LoraFormatError.
 """
 
@@ -32,13 +36,14 @@ import json
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
-from . import share
+from . import lycoris, share
 from .families import SDXL, architecture, family_from_configs
 from .loading import PICKLE_SUFFIXES
 
@@ -68,23 +73,40 @@ class LoraFormatError(ValueError):
 # ---------------------------------------------------------------------------------------
 
 
-def _peft_layers(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int, up_scale: float, dtype, text: bool) -> dict:
-    """{module.lora_A.weight: Aᵀ, module.lora_B.weight: B}, every layer zero-padded to `rank`."""
+def _peft_layers(factors: Mapping[str, tuple[Tensor, Tensor]], rank: int, up_scale: float, dtype, text: bool,
+                 conv_shapes: Mapping[str, Sequence[int]]) -> dict:
+    """{module.lora_A.weight: Aᵀ, module.lora_B.weight: B}, every layer zero-padded to `rank`; a
+    convolution's as conv weights, lora_A (r, c_in, k_h, k_w) and lora_B (d_out, r, 1, 1)."""
     state = {}
     for name, (factor_b, factor_a) in factors.items():
         if factor_b.shape[1] == 0:
             continue
         factor_b, factor_a = share.canonical_factors(factor_b.double(), factor_a.double())  # balanced: fp16-safe
-        factor_b, factor_a = share.pad_columns(factor_b, rank), share.pad_columns(factor_a, rank)
+        lora_a, lora_b = share.pad_columns(factor_a, rank).mT, share.pad_columns(factor_b, rank) * up_scale
+        if name in conv_shapes:
+            lora_a, lora_b = lora_a.reshape(rank, *conv_shapes[name][1:]), lora_b[..., None, None]
         if text and not name.startswith(TEXT_MODEL_PREFIX):
             name = TEXT_MODEL_PREFIX + name
-        state[f"{name}.lora_A.weight"] = factor_a.mT.to(dtype).contiguous()
-        state[f"{name}.lora_B.weight"] = (factor_b * up_scale).to(dtype).contiguous()
+        state[f"{name}.lora_A.weight"] = lora_a.to(dtype).contiguous()
+        state[f"{name}.lora_B.weight"] = lora_b.to(dtype).contiguous()
     return state
 
 
-# A UNet layer in an attention block, by diffusers' name: down/up_blocks.<b>.attentions.<j>. or mid_block.attentions.0.
-_ATTENTION_BLOCK = re.compile(r"(?:(?P<side>down|up)_blocks\.(?P<block>\d+)|mid_block)\.attentions\.(?P<layer>\d+)\.")
+# A UNet layer in a block, by diffusers' name: down/up_blocks.<b>.<part>.<j>. or mid_block.<part>.<j>.
+_UNET_BLOCK = re.compile(
+    r"(?:(?P<side>down|up)_blocks\.(?P<block>\d+)|mid_block)\.(?P<part>resnets|attentions|downsamplers|upsamplers)\.(?P<layer>\d+)\."
+)
+#: Where a part sits in its original block: [resnet, attention, upsampler]; a downsampler stands alone.
+_SGM_POSITION = {"resnets": 0, "attentions": 1, "upsamplers": 2, "downsamplers": 0}
+#: Original names inside a block where they differ: a resnet's in_layers = (norm, SiLU, conv),
+#: emb_layers = (SiLU, linear), out_layers = (norm, SiLU, dropout, conv); a downsampler's op.
+_SGM_INNER = {"resnets": {"conv1": "in_layers.2", "time_emb_proj": "emb_layers.1", "conv2": "out_layers.3",
+                          "conv_shortcut": "skip_connection"},
+              "downsamplers": {"conv": "op"}}
+#: The layers outside the blocks (input_blocks.0.0 is conv_in).
+_SGM_OUTSIDE = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",
+                "time_embedding.linear_2": "time_embed.2", "add_embedding.linear_1": "label_emb.0.0",
+                "add_embedding.linear_2": "label_emb.0.2"}
 
 
 def sgm_unet_name(module: str, layers_per_block: int) -> str:
@@ -92,23 +114,37 @@ def sgm_unet_name(module: str, layers_per_block: int) -> str:
     LoRA layers. Each diffusers block is n = layers_per_block + 1 original blocks (down: its layers
     and the downsampler; up: its n layers), and input_blocks.0 is conv_in:
 
-        down_blocks.b.attentions.j.…  ->  input_blocks.(1 + n·b + j).1.…
-        mid_block.attentions.0.…      ->  middle_block.1.…
-        up_blocks.b.attentions.j.…    ->  output_blocks.(n·b + j).1.…
+        down_blocks.b.resnets.j.…          ->  input_blocks.(1 + n·b + j).0.…
+        down_blocks.b.attentions.j.…       ->  input_blocks.(1 + n·b + j).1.…
+        down_blocks.b.downsamplers.0.conv  ->  input_blocks.(n·(b + 1)).0.op
+        mid_block.resnets.j.…              ->  middle_block.(2j).…
+        mid_block.attentions.0.…           ->  middle_block.1.…
+        up_blocks.b.resnets.j.…            ->  output_blocks.(n·b + j).0.…
+        up_blocks.b.attentions.j.…         ->  output_blocks.(n·b + j).1.…
+        up_blocks.b.upsamplers.0.conv      ->  output_blocks.(n·b + n − 1).2.conv
 
-    the inverse of diffusers' _maybe_map_sgm_blocks_to_diffusers, which load_lora_weights and
-    read_lora_components use. Inside a block the names agree. Share adapts no layer outside
-    attention blocks.
+    with a resnet's layers renamed (_SGM_INNER) and those outside the blocks by _SGM_OUTSIDE: the
+    inverse of diffusers' _maybe_map_sgm_blocks_to_diffusers and _convert_unet_lora_key, which
+    load_lora_weights and read_lora_components use (they read position 2 as the upsampler, as in
+    SDXL, whose upsampling blocks all have attentions). Inside attention blocks the names agree.
     """
-    match = _ATTENTION_BLOCK.match(module)
+    if module in _SGM_OUTSIDE:
+        return _SGM_OUTSIDE[module]
+    match = _UNET_BLOCK.match(module)
     if match is None:
-        raise ValueError(f"{module}: not in a UNet attention block, so it has no kohya SDXL name")
+        raise ValueError(f"{module}: not a UNet layer that has a kohya SDXL name")
+    part, layer, n = match["part"], int(match["layer"]), layers_per_block + 1
+    inner = module[match.end():]
+    inner = _SGM_INNER.get(part, {}).get(inner, inner)
     if match["side"] is None:
-        block = "middle_block.1."
+        block = f"middle_block.{2 * layer + (part == 'attentions')}"
+    elif match["side"] == "down":
+        index = n * (int(match["block"]) + 1) if part == "downsamplers" else 1 + n * int(match["block"]) + layer
+        block = f"input_blocks.{index}.{_SGM_POSITION[part]}"
     else:
-        index = (layers_per_block + 1) * int(match["block"]) + int(match["layer"])
-        block = f"input_blocks.{index + 1}.1." if match["side"] == "down" else f"output_blocks.{index}.1."
-    return block + module[match.end():]
+        index = n * int(match["block"]) + (n - 1 if part == "upsamplers" else layer)
+        block = f"output_blocks.{index}.{_SGM_POSITION[part]}"
+    return f"{block}.{inner}"
 
 
 def export_lora(
@@ -121,6 +157,7 @@ def export_lora(
     rank: int | None = None,
     alpha: float | None = None,
     dtype: torch.dtype = torch.float32,
+    conv_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> dict[str, Tensor]:
     """A standard LoRA state dict of one style from share.export_style factors (ΔW = B Aᵀ).
 
@@ -133,7 +170,8 @@ def export_lora(
     the same alpha (default: alpha = rank, i.e. scale 1), so every loader applies one
     alpha/rank and ΔW comes out exactly. Another alpha (kohya only: diffusers files carry none)
     divides lora_up by alpha/rank.
-    Layers whose style has rank 0 (ΔW = 0) are left out.
+    Layers whose style has rank 0 (ΔW = 0) are left out. conv_shapes: the weight shape
+    (d_out, c_in, k_h, k_w) of each layer that is a convolution, written as a conv LoRA (LoCon).
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
@@ -160,13 +198,17 @@ def export_lora(
         raise ValueError("the diffusers format stores no alpha (loaders use alpha = rank); set alpha only for kohya")
     up_scale = rank / alpha  # the loader multiplies by alpha / rank
     sdxl = unet_config is not None and architecture(family_from_configs(unet_config)) == SDXL
+    conv_shapes = conv_shapes or {}
     if format == "kohya" and sdxl:
-        factors_unet = {sgm_unet_name(name, unet_config["layers_per_block"]): f for name, f in factors_unet.items()}
+        layers_per_block = unet_config["layers_per_block"]
+        factors_unet = {sgm_unet_name(name, layers_per_block): f for name, f in factors_unet.items()}
+        conv_shapes = {sgm_unet_name(name, layers_per_block): shape for name, shape in conv_shapes.items()}
 
     state = {}
     for component, factors, text in (("unet", factors_unet, False), ("text_encoder", factors_text, True),
                                      ("text_encoder_2", factors_text_2, True)):
-        state |= StableDiffusionPipeline.pack_weights(_peft_layers(factors, rank, up_scale, dtype, text), component)
+        layers = _peft_layers(factors, rank, up_scale, dtype, text, conv_shapes)
+        state |= StableDiffusionPipeline.pack_weights(layers, component)
     if format == "diffusers":
         return state
     kohya = {}
@@ -254,27 +296,38 @@ def _kohya_component(name: str) -> str:
     return "unknown"
 
 
-def _variant_energy(parts: dict[str, Tensor]) -> float | None:
-    """‖ΔW‖² of a LyCORIS LoHa layer, ΔW = (w1_a w1_b) ∘ (w2_a w2_b) · alpha/r; None for others."""
-    names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
-    if not all(f"{n}" in parts for n in names):
-        return None
-    w1a, w1b, w2a, w2b = (parts[n].double() for n in names)
-    scale = float(parts["alpha"]) / w1b.shape[0] if "alpha" in parts else 1.0
-    return float(((w1a @ w1b) * (w2a @ w2b) * scale).square().sum())
+class Loss(NamedTuple):
+    """What an import leaves out of one layer of a LoRA."""
+
+    component: str
+    reason: str
+    energy: float | None  # ‖ΔW‖²_F left out; None where unknown
+    whole: bool = True  # the whole layer; False: the part a rank reduction cut
 
 
-def _kohya_reason(parts: dict[str, Tensor]) -> str:
-    if any(p.startswith("hada_") for p in parts):
-        return "LyCORIS LoHa layers are not supported yet"
-    if any(p.startswith("lokr_") for p in parts):
-        return "LyCORIS LoKr layers are not supported yet"
-    return "not a plain LoRA layer"
+def _reduced(name: str, parts: dict[str, Tensor], max_rank: int, lost: list[Loss]) -> tuple[Tensor, Tensor]:
+    """A LoHa or LoKr layer as (lora_down, lora_up) of the truncated SVD of its ΔW (lycoris.reduce);
+    what the cut leaves out goes to `lost`, naming the layer when the rank limit made the cut."""
+    variant = lycoris.kind(parts)
+    try:
+        reduced = lycoris.reduce(*lycoris.product(parts), max_rank)
+    except lycoris.LycorisError as error:
+        raise LoraFormatError(f"{name}: a {variant} layer that {error}") from None
+    kept = f"{100 * lycoris.KEPT_ENERGY:g}%"
+    if reduced.needed > reduced.rank:
+        reason = (f"{variant} layer {name} needs rank {reduced.needed} to keep {kept} of its ΔW energy, "
+                  f"over the limit of {max_rank}")
+    else:
+        reason = f"{variant}, reduced to the rank that keeps {kept} of each layer's ΔW energy"
+    if reduced.lost > 0:
+        lost.append(Loss(_kohya_component(name), reason, reduced.lost, whole=False))
+    return reduced.down, reduced.up
 
 
 def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str],
-                   lost: list) -> dict[str, dict[str, Tensor]]:
-    """Kohya layers -> {component: PEFT keys}, each layer's alpha/r folded into lora_up."""
+                   lost: list[Loss], max_rank: int) -> dict[str, dict[str, Tensor]]:
+    """Kohya layers -> {component: PEFT keys}, each layer's alpha/r folded into lora_up; LyCORIS
+    LoHa/LoKr layers as their reduced ΔW, a LoCon's lora_mid folded into lora_down."""
     from diffusers import StableDiffusionPipeline
 
     layers: dict[str, dict[str, Tensor]] = {}
@@ -286,15 +339,20 @@ def _kohya_to_peft(state: dict[str, Tensor], unet_config, skipped: dict[str, str
         if not name.startswith(KOHYA_PREFIXES):
             skipped[name] = "not a LoRA layer"
             continue
+        if lycoris.kind(parts):
+            plain[f"{name}.lora_down.weight"], plain[f"{name}.lora_up.weight"] = _reduced(name, parts, max_rank, lost)
+            continue
         has_down, has_up = "lora_down.weight" in parts, "lora_up.weight" in parts
         if has_down != has_up:
             raise LoraFormatError(f"{name}: lora_down and lora_up must come in pairs")
-        if not has_down or set(parts) - {"lora_down.weight", "lora_up.weight", "alpha"}:
-            reason = _kohya_reason(parts)
+        if not has_down or set(parts) - {"lora_down.weight", "lora_up.weight", "lora_mid.weight", "alpha"}:
+            reason = "not a plain LoRA layer"
             skipped[name] = f"{reason} ({', '.join(sorted(parts))})"
-            lost.append((_kohya_component(name), reason, _variant_energy(parts)))
+            lost.append(Loss(_kohya_component(name), reason, None))
             continue
         down, up = parts["lora_down.weight"], parts["lora_up.weight"]
+        if "lora_mid.weight" in parts:
+            down = lycoris.fold_mid(down, parts["lora_mid.weight"])
         if "alpha" in parts:  # kohya/A1111: ΔW = up·down·alpha/r, r = lora_down rows; no alpha: scale 1
             up = up * (float(parts["alpha"]) / down.shape[0])
         plain[f"{name}.lora_down.weight"], plain[f"{name}.lora_up.weight"] = down, up
@@ -391,14 +449,16 @@ def _peft_scale(config, module: str) -> float:
 
 
 def _targets(model: nn.Module, default_targets: tuple[str, ...]) -> tuple[dict[str, nn.Module], tuple[str, ...]]:
-    """name -> base layer of every Share layer (or, without Share layers, of the default targets)."""
+    """name -> base layer of every layer Share can adapt: its Share layers, and every other
+    nn.Linear or nn.Conv2d (share.adaptable), which a library gives a Share layer when a file first
+    touches it (a LoCon's k×k convolutions); and the targets (of the Share layers, else the
+    defaults), whose layers must be in the model."""
     layers = share.share_layers(model)
-    if layers:
-        targets = tuple(next(iter(layers.values())).config.target_modules)
-        return {name: layer.base_layer for name, layer in layers.items()}, targets
+    targets = tuple(next(iter(layers.values())).config.target_modules) if layers else default_targets
+    inside_share_layers = tuple(f"{name}." for name in layers)
     bases = {name: module for name, module in model.named_modules()
-             if share.adaptable(module) and share.matches(name, default_targets)}
-    return bases, default_targets
+             if share.adaptable(module) and not name.startswith(inside_share_layers)}
+    return bases | {name: layer.base_layer for name, layer in layers.items()}, targets
 
 
 def _as_matrix(tensor: Tensor, what: str, where: str) -> Tensor:
@@ -414,54 +474,60 @@ def _as_matrix(tensor: Tensor, what: str, where: str) -> Tensor:
 #: A component that keeps less of its ΔW energy than this gets a warning.
 KEPT_WARNING = 0.999
 NOT_ADAPTED = "not a layer kind Share adapts"
-CONVOLUTIONS = "k×k convolutions (LoCon) are not supported yet"
 
 
-def kept_report(lost: list[tuple[str, str, float | None]], kept: dict[str, float]) -> tuple[dict, list[str]]:
+def kept_report(lost: list[Loss], kept: dict[str, float]) -> tuple[dict, list[str]]:
     """Per component, the fraction of the LoRA's ΔW energy kept, Σ‖ΔW kept‖² / Σ‖ΔW‖², and a
     warning for each component under KEPT_WARNING naming what was lost and why.
 
-    lost: (component, reason, ‖ΔW‖² or None where unknown) per layer left out; kept: ‖ΔW‖² per
-    component imported. An unknown energy makes the fraction an upper bound ("at most").
+    lost: what was left out of each layer (whole layers, or the part a rank reduction cut); kept:
+    ‖ΔW‖² per component imported. An unknown energy makes the fraction an upper bound ("at most").
     """
-    components = sorted({c for c, _, _ in lost} | set(kept), key=lambda c: (c != "unet", c))  # unet first
+    components = sorted({loss.component for loss in lost} | set(kept), key=lambda c: (c != "unet", c))  # unet first
     energy, warnings = {}, []
     for component in components:
-        mine = [(reason, e) for c, reason, e in lost if c == component]
-        total = kept.get(component, 0.0) + sum(e or 0.0 for _, e in mine)
+        mine = [loss for loss in lost if loss.component == component]
+        total = kept.get(component, 0.0) + sum(loss.energy or 0.0 for loss in mine)
         fraction = kept.get(component, 0.0) / total if total > 0 else (1.0 if not mine else 0.0)
-        unknown = any(e is None for _, e in mine)
-        energy[component] = {"kept": fraction, "bound": unknown, "layers_lost": len(mine)}
+        unknown = any(loss.energy is None for loss in mine)
+        energy[component] = {"kept": fraction, "bound": unknown, "layers_lost": sum(loss.whole for loss in mine),
+                             "layers_cut": sum(not loss.whole for loss in mine)}
         if fraction >= KEPT_WARNING and not unknown:
             continue
         reasons = {}
-        for reason, e in mine:
-            count, share_lost, unknown_here = reasons.get(reason, (0, 0.0, False))
-            reasons[reason] = (count + 1, share_lost + (e or 0.0) / total if total > 0 else 0.0, unknown_here or e is None)
-        parts = [f"{count} layer{'s' * (count != 1)} ({reason}; "
+        for loss in mine:
+            count, share_lost, unknown_here = reasons.get((loss.reason, loss.whole), (0, 0.0, False))
+            share_lost += (loss.energy or 0.0) / total if total > 0 else 0.0
+            reasons[loss.reason, loss.whole] = (count + 1, share_lost, unknown_here or loss.energy is None)
+        parts = [f"{count} layer{'s' * (count != 1)} {'left out' if whole else 'cut'} ({reason}; "
                  + ("energy unknown" if unknown_here and not share_lost else f"{100 * share_lost:.3g}% of its ΔW energy") + ")"
-                 for reason, (count, share_lost, unknown_here) in sorted(reasons.items(), key=lambda r: -r[1][1])]
+                 for (reason, whole), (count, share_lost, unknown_here) in sorted(reasons.items(), key=lambda r: -r[1][1])]
         warnings.append(f"{component}: kept {'at most ' if unknown else ''}{100 * fraction:.3g}% of the LoRA's ΔW energy; "
-                        f"left out {', '.join(parts)}")
+                        f"{', '.join(parts)}")
     return energy, warnings
 
 
 def read_lora_components(
     source: str | os.PathLike | Mapping[str, Tensor],
     models: Mapping[str, nn.Module | None],
+    max_rank: int = lycoris.MAX_RANK,
 ) -> tuple[dict[str, Factors], dict]:
-    """Import a standard LoRA (.safetensors file or state dict, kohya or diffusers/PEFT format).
+    """Import a standard LoRA (.safetensors file or state dict, kohya or diffusers/PEFT format,
+    LyCORIS LoCon, LoHa and LoKr files in kohya names).
 
     models: {component: model} of LORA_COMPONENTS (unet, text_encoder, and SDXL's text_encoder_2).
-    Returns ({component: factors}, info), factors {Share layer name: (B d_out×r, A d_in×r)} with
+    Returns ({component: factors}, info), factors {layer name: (B d_out×r, A d_in×r)} with
     ΔW = B Aᵀ and the LoRA's alpha/r (from .alpha keys or diffusers' LoraConfig metadata)
-    folded into B, ready for share.add_style; every component of LORA_COMPONENTS is there,
-    empty where the file has none. Shapes are checked against each model's layers (its Share
-    layers; without any, DEFAULT_TARGETS: attention, proj_in/out, feed-forward, CLIP's MLP).
+    folded into B, ready for share.add_style once each layer has a Share layer; every component
+    of LORA_COMPONENTS is there, empty where the file has none. The layers are every nn.Linear
+    and nn.Conv2d of each model (a convolution's ΔW flattened, d_in = c_in·k_h·k_w); a LoRA layer
+    that names one of its targets (its Share layers', else DEFAULT_TARGETS) must exist and fit.
+    A LoHa or LoKr layer is the truncated SVD of its ΔW, of the smallest rank that keeps 99% of
+    ‖ΔW‖², at most max_rank.
     info: format, layers (imported), rank (largest), skipped ({LoRA layer: why} for layers
-    Share does not adapt, e.g. 3×3 convs or LoHa; the layers of a component without a model),
-    skipped_count, kept ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some
-    lost energy is unknown, layers_lost}}), warnings (one line per component under
+    Share does not adapt; the layers of a component without a model), skipped_count, kept
+    ({component: {kept: Σ‖ΔW kept‖²/Σ‖ΔW‖², bound: whether some lost energy is unknown,
+    layers_lost, layers_cut (by a rank reduction)}}), warnings (one line per component under
     KEPT_WARNING: what was lost and why), metadata (the file's). Raises LoraFormatError for
     pickle or unreadable files, files without LoRA keys, DoRA, and LoRA layers that do not fit.
     """
@@ -472,7 +538,7 @@ def read_lora_components(
         state, metadata = _read_safetensors(path)
         label = path.name
     try:
-        return _read(state, metadata, models)
+        return _read(state, metadata, models, max_rank)
     except LoraFormatError as error:
         raise LoraFormatError(f"{label}: {error}") from None
 
@@ -481,13 +547,14 @@ def read_lora(
     source: str | os.PathLike | Mapping[str, Tensor],
     unet: nn.Module,
     text_encoder: nn.Module | None = None,
+    max_rank: int = lycoris.MAX_RANK,
 ) -> tuple[Factors, Factors, dict]:
     """read_lora_components for a UNet and one text encoder: (factors_unet, factors_text, info)."""
-    factors, info = read_lora_components(source, {"unet": unet, "text_encoder": text_encoder})
+    factors, info = read_lora_components(source, {"unet": unet, "text_encoder": text_encoder}, max_rank)
     return factors["unet"], factors["text_encoder"], info
 
 
-def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module | None]):
+def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[str, nn.Module | None], max_rank: int):
     keys = list(state)
     if any(marker in key for key in keys for marker in _DORA_MARKERS):
         raise LoraFormatError(
@@ -496,9 +563,10 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[st
     format = _detect_format(keys)
     state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
     skipped: dict[str, str] = {}
-    lost: list[tuple[str, str, float | None]] = []  # (component, why, ‖ΔW‖²) of each layer left out
+    lost: list[Loss] = []
     if format == "kohya":
-        components, configs = _kohya_to_peft(state, getattr(models["unet"], "config", None), skipped, lost), {}
+        unet_config = getattr(models["unet"], "config", None)
+        components, configs = _kohya_to_peft(state, unet_config, skipped, lost, max_rank), {}
     else:
         configs = _adapter_configs(metadata)
         if any(getattr(c, "use_dora", False) for c in configs.values()):
@@ -537,9 +605,9 @@ def _read(state: dict[str, Tensor], metadata: dict[str, str], models: Mapping[st
                     misfits.append(f"{where} is not in this model")
                     continue
                 else:
-                    why = CONVOLUTIONS if fields["down"].dim() == 4 and fields["down"].shape[2:] != (1, 1) else NOT_ADAPTED
+                    why = NOT_ADAPTED
                 skipped[where] = why
-                lost.append((component, why, energy))
+                lost.append(Loss(component, why, energy))
                 continue
             base = layers[name]
             d_out, d_in = base.weight.shape[0], base.weight[0].numel()

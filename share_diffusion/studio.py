@@ -174,13 +174,13 @@ class Studio:
         return models
 
     def _attach(self) -> None:
-        """Put the library's Share state into the pipeline's UNet and text encoder (injecting layers
-        the first time). A layer the file lacks (a library from before it was adapted) starts empty,
-        every style with ΔW = 0 in it."""
+        """Put the library's Share state into the pipeline's UNet and text encoders, on Share layers
+        of the library's targets (a rolled-back import may have added others). A layer the file
+        lacks (a library from before it was adapted) starts empty, every style with ΔW = 0 in it."""
         style_ids = [record["id"] for record in self.library.styles]
         for component, model in self._models().items():
-            if not share.share_layers(model):
-                share.inject_share_layers(model, self.library.share_config(component))
+            share.remove_share_layers(model)
+            share.inject_share_layers(model, self.library.share_config(component))
             layers = share.share_layers(model)
             state = dict(self.library.component_state(component))
             for name, layer in layers.items():
@@ -308,6 +308,18 @@ class Studio:
         self.library.styles.extend(new_records)
         record_merge(meta, outcome, action, ",".join(new), self._basis_rank(models), utc_now())
         return outcome
+
+    def _add_layers(self, models: dict[str, torch.nn.Module], styles: list[dict[str, dict]]) -> None:
+        """Give a Share layer to every layer that one of the new styles ({component: factors}) uses
+        and that has none yet (a LoCon's k×k convolutions): its whole name joins the library's
+        targets, and it holds every earlier style with rank 0, which is what they were there."""
+        new = {component: sorted({name for factors in styles for name, (b, _) in factors.get(component, {}).items()
+                                  if b.shape[1]} - set(share.share_layers(model)))
+               for component, model in models.items()}
+        for component, names in new.items():
+            self.library.meta["target_modules"][component].extend(names)
+        if any(new.values()):
+            self._attach()
 
     def _basis_rank(self, models: dict[str, torch.nn.Module] | None = None) -> int:
         layers = [layer for model in (models or self._models()).values() for layer in share.share_layers(model).values()]
@@ -537,6 +549,7 @@ class Studio:
             drifts = []
             if new:
                 with self._merge_lock:
+                    self._add_layers(models, [factors for factors, _ in new.values()])
                     drifts = self._merge(models, new, records, "import", refuse=False)  # refused below, if kept
                     for model in models.values():
                         share.set_active_styles(model, None)
@@ -622,8 +635,10 @@ class Studio:
     def export_lora(self, name: str, out: str | os.PathLike, format: str = "kohya") -> Path:
         record = self.library.style(name)
         factors = {c: library_style_factors(self.library, record["id"], c) for c in STORED_COMPONENTS}
+        conv_shapes = {layer_name: layer.weight.shape for model in self._models().values()
+                       for layer_name, layer in share.share_layers(model).items() if layer.is_conv}
         state = export_lora(factors["unet"], factors["text_encoder"], format=format, factors_text_2=factors["text_encoder_2"],
-                            unet_config=self.pipe.unet.config)
+                            unet_config=self.pipe.unet.config, conv_shapes=conv_shapes)
         out = Path(out)
         save_lora(out, state, metadata={"style": name, "trigger": record["trigger"],
                                         "base_model": self.library.meta["base_model"]["id"]})

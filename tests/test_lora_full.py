@@ -122,32 +122,38 @@ def test_a_full_lora_draws_what_diffusers_draws(lora_files, format, tmp_path):
                 assert error <= 1e-5, f"{layer}: {error:.1e}"
 
 
-def test_unsupported_parts_are_named_with_the_energy_they_held(lora_files, tmp_path):
+def test_parts_share_cannot_import_are_named_with_the_energy_they_held(lora_files, tmp_path):
+    """A LoRA on a layer Share does not adapt (a GroupNorm) is left out with its energy, a LyCORIS
+    layer that is not ΔW = B·A (OFT) with its energy unknown; a LoCon 3×3 layer next to them imports."""
     _, kohya_file, _ = lora_files
     state = load_file(str(kohya_file))
     generator = torch.Generator().manual_seed(0)
     conv = "lora_unet_down_blocks_0_resnets_0_conv1"  # a LoCon 3×3 layer
-    state[f"{conv}.lora_down.weight"] = torch.randn(RANK, 32, 3, 3, generator=generator)
-    state[f"{conv}.lora_up.weight"] = torch.randn(32, RANK, 1, 1, generator=generator)
+    state[f"{conv}.lora_down.weight"] = torch.randn(RANK, 64, 3, 3, generator=generator)
+    state[f"{conv}.lora_up.weight"] = torch.randn(64, RANK, 1, 1, generator=generator)
     state[f"{conv}.alpha"] = torch.tensor(float(RANK))
-    loha = "lora_te_text_model_encoder_layers_1_mlp_fc2"
-    for key in [k for k in state if k.startswith(loha + ".")]:
+    norm = "lora_unet_down_blocks_0_attentions_0_norm"  # a GroupNorm
+    state[f"{norm}.lora_down.weight"] = torch.randn(RANK, 64, generator=generator)
+    state[f"{norm}.lora_up.weight"] = torch.randn(64, RANK, generator=generator)
+    oft = "lora_te_text_model_encoder_layers_1_mlp_fc2"
+    for key in [k for k in state if k.startswith(oft + ".")]:
         del state[key]
-    state |= {f"{loha}.hada_w1_a": torch.randn(8, 2), f"{loha}.hada_w1_b": torch.randn(2, 16),
-              f"{loha}.hada_w2_a": torch.randn(8, 2), f"{loha}.hada_w2_b": torch.randn(2, 16)}
+    state[f"{oft}.oft_blocks"] = torch.randn(4, 32, 32, generator=generator)
     path = save_lora(tmp_path / "partly.safetensors", state)
     pipe = fresh_pipe()
     _, _, info = read_lora(path, pipe.unet, pipe.text_encoder)
     assert info["kept"]["unet"]["kept"] < 0.999 and info["kept"]["unet"]["layers_lost"] == 1
-    assert info["kept"]["text_encoder"]["layers_lost"] == 1
+    assert info["kept"]["text_encoder"]["layers_lost"] == 1 and info["kept"]["text_encoder"]["bound"]
     unet_warning = next(w for w in info["warnings"] if w.startswith("unet:"))
-    assert "convolutions (LoCon) are not supported yet" in unet_warning
-    assert any("LoHa" in w for w in info["warnings"] if w.startswith("text_encoder:"))
+    assert "1 layer left out (not a layer kind Share adapts; " in unet_warning
+    text_warning = next(w for w in info["warnings"] if w.startswith("text_encoder:"))
+    assert "kept at most 100%" in text_warning and "(not a plain LoRA layer; energy unknown)" in text_warning
 
     studio = Studio(pipe, tmp_path / "library.safetensors")
     report = studio.import_with_report([path])
     assert len(report.names) == 1 and len(report.warnings) == 2
     assert report.files[path.name]["skipped_count"] == 2
+    assert share.share_layers(studio.pipe.unet)["down_blocks.0.resnets.0.conv1"].is_conv
 
 
 def test_the_cli_shows_what_each_file_kept(lora_files, tmp_path, capsys):

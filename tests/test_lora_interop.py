@@ -175,39 +175,45 @@ def test_import_of_a_lora_trained_with_peft_matches_the_peft_model(tiny_pipeline
     assert np.abs(generate(pipe) - peft_image).max() <= IMAGE_TOLERANCE
 
 
-def test_kohya_layers_share_does_not_adapt_are_skipped_and_reported(styled, tmp_path):
-    """Conv, feed-forward, proj_in and LoHa layers are left out of the import (Share has no layer
-    for them) and read_lora reports each, with its count; the attention layers import exactly."""
+def test_kohya_layers_without_a_share_layer_yet_are_read_and_the_rest_reported(styled, tmp_path):
+    """Conv, feed-forward, proj_in and CLIP MLP layers (what kohya LoCon / full-network LoRAs add
+    next to the attention) are read although these models hold Share layers on the attention only
+    (a library gives them Share layers of their own); a LyCORIS layer that is not ΔW = B·A (OFT)
+    and a LoRA on a layer Share does not adapt (a GroupNorm) are skipped and reported."""
     pipe, (factors_unet, factors_text), _ = styled
     state = export_lora(factors_unet, factors_text, format="kohya")
     extra = {  # what kohya-ss sd-scripts LoCon / full-network LoRAs add next to the attention layers
-        "lora_unet_down_blocks_0_resnets_0_conv1": ((4, 32, 3, 3), (32, 4, 1, 1)),
-        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2": ((4, 128), (32, 4)),
-        "lora_unet_down_blocks_0_attentions_0_proj_in": ((4, 32), (32, 4)),
-        "lora_te_text_model_encoder_layers_0_mlp_fc1": ((4, 32), (64, 4)),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ("down_blocks.0.resnets.0.conv1", (4, 32, 3, 3), (32, 4, 1, 1)),
+        "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_ff_net_2":
+            ("down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2", (4, 128), (32, 4)),
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ("down_blocks.0.attentions.0.proj_in", (4, 32), (32, 4)),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": ("encoder.layers.0.mlp.fc1", (4, 32), (64, 4)),
     }
-    for name, (down, up) in extra.items():
+    for name, (_, down, up) in extra.items():
         state[f"{name}.lora_down.weight"], state[f"{name}.lora_up.weight"] = torch.randn(down), torch.randn(up)
         state[f"{name}.alpha"] = torch.tensor(2.0)
-    state["lora_unet_up_blocks_1_attentions_0_proj_out.hada_w1_a"] = torch.randn(32, 4)  # a LoHa layer
+    oft, norm = "lora_unet_up_blocks_1_attentions_0_proj_out", "lora_unet_down_blocks_0_attentions_0_norm"
+    state[f"{oft}.oft_blocks"] = torch.randn(4, 8, 8)
+    state[f"{norm}.lora_down.weight"], state[f"{norm}.lora_up.weight"] = torch.randn(4, 32), torch.randn(32, 4)
     path = save_lora(tmp_path / "locon.safetensors", state)
 
     read_unet, read_text, info = read_lora(path, pipe.unet, pipe.text_encoder)
-    assert info["skipped_count"] == len(extra) + 1 == len(info["skipped"])
-    assert info["layers"] == len(factors_unet) + len(factors_text)
-    assert "unet.down_blocks.0.resnets.0.conv1" in info["skipped"]
-    assert "text_encoder.text_model.encoder.layers.0.mlp.fc1" in info["skipped"]
-    assert "LoHa layers are not supported yet" in info["skipped"]["lora_unet_up_blocks_1_attentions_0_proj_out"]
-    assert any("convolutions (LoCon)" in w for w in info["warnings"]) and info["kept"]["unet"]["bound"]
-    imported = set(read_unet) | set(read_text)
-    assert not any(name.endswith(("conv1", "ff.net.2", "proj_in", "mlp.fc1", "proj_out")) for name in imported)
-    assert_same_deltas(factors_unet, read_unet)
-    assert_same_deltas(factors_text, read_text)
+    assert info["skipped_count"] == 2 == len(info["skipped"])
+    assert info["skipped"][oft] == "not a plain LoRA layer (oft_blocks)"
+    assert info["skipped"]["unet.down_blocks.0.attentions.0.norm"] == "not a layer kind Share adapts"
+    assert info["kept"]["unet"]["bound"] and info["kept"]["unet"]["layers_lost"] == 2
+    assert any(w.startswith("unet: kept at most ") for w in info["warnings"])
+    assert info["layers"] == len(factors_unet) + len(factors_text) + len(extra)
+    for name, (module, down, up) in extra.items():
+        read = {**read_unet, **read_text}[module]
+        expected = state[f"{name}.lora_up.weight"].flatten(1) @ state[f"{name}.lora_down.weight"].flatten(1) * 2.0 / 4
+        assert torch.allclose(delta(read), expected.double(), atol=1e-5), module
+    assert_same_deltas(factors_unet, {name: read_unet[name] for name in factors_unet})
+    assert_same_deltas(factors_text, {name: read_text[name] for name in factors_text})
 
     # without a text encoder its layers are reported as skipped too
     read_unet, read_text, info = read_lora(path, pipe.unet)
-    assert read_text == {} and info["skipped_count"] == len(extra) + 1 + len(factors_text)
-    assert_same_deltas(factors_unet, read_unet)
+    assert read_text == {} and info["skipped_count"] == 2 + len(factors_text) + 1
 
 
 def test_pickle_files_are_refused_without_being_opened(styled, tmp_path):
@@ -261,7 +267,6 @@ def test_files_that_are_not_a_fitting_lora_raise_clear_errors(styled, tmp_path):
     with pytest.raises(LoraFormatError, match="DoRA"):
         read_lora(dora, pipe.unet)
 
-    conv_only = {"lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight": torch.zeros(4, 32, 3, 3),
-                 "lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight": torch.zeros(32, 4, 1, 1)}  # fmt: skip
+    oft_only = {"lora_unet_down_blocks_0_resnets_0_conv1.oft_blocks": torch.zeros(4, 8, 8)}  # LyCORIS OFT
     with pytest.raises(LoraFormatError, match="none of its 1 layers"):
-        read_lora(conv_only, pipe.unet)
+        read_lora(oft_only, pipe.unet)

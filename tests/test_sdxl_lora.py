@@ -18,8 +18,10 @@ from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
 from share_diffusion.generation import generate_images
-from share_diffusion.lora_interop import read_lora_components, save_lora
+from share_diffusion import share
+from share_diffusion.lora_interop import read_lora_components, save_lora, sgm_unet_name
 from share_diffusion.studio import Studio, library_style_factors
+from tests.test_lycoris_import import add_locon
 from tests.tiny_families import build_tiny_sdxl_pipeline
 
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
@@ -197,16 +199,57 @@ def test_an_exported_sdxl_style_imports_back_exactly(sdxl_studio, format, tmp_pa
             assert error <= 1e-5 * reference.norm(), f"{component}.{layer}: {error / reference.norm():.1e}"
 
 
+def test_every_sdxl_unet_layer_has_a_kohya_name_diffusers_maps_back(sdxl_folder):
+    """sgm_unet_name inverts diffusers' reading of kohya sd-scripts' SDXL names for every Linear and
+    convolution of the UNet, the layers an imported file can give Share layers."""
+    from diffusers.utils.state_dict_utils import convert_unet_state_dict_to_peft
+
+    unet = fresh_pipe(sdxl_folder).unet
+    layers = {name for name, module in unet.named_modules() if share.adaptable(module)}
+    state = {}
+    for name in layers:
+        key = "lora_unet_" + sgm_unet_name(name, unet.config.layers_per_block).replace(".", "_")
+        state[f"{key}.lora_down.weight"], state[f"{key}.lora_up.weight"] = torch.zeros(1, 1), torch.zeros(1, 1)
+    converted, _ = StableDiffusionXLPipeline.lora_state_dict(state, unet_config=unet.config)
+    peft = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in converted.items()})
+    assert {key.removesuffix(".lora_A.weight") for key in peft if key.endswith(".lora_A.weight")} == layers
+
+
+def test_an_sdxl_locon_exports_under_kohya_sd_scripts_names_diffusers_draws_the_same(sdxl_folder, tmp_path):
+    """A LoCon on the resnets and samplers (Share layers of their own) exports under kohya
+    sd-scripts' names for them (in_layers_2, emb_layers_1, skip_connection, op, …), and diffusers
+    draws the file as it draws the LoCon and as the library does."""
+    pipe = fresh_pipe(sdxl_folder)
+    base = draw(pipe)
+    StableDiffusionXLPipeline.save_lora_weights(tmp_path, unet_lora_layers=add_locon(pipe.unet, seed=7, std=0.05))
+    locon = tmp_path / "pytorch_lora_weights.safetensors"
+
+    studio = Studio(fresh_pipe(sdxl_folder), tmp_path / "library.safetensors")
+    (name,) = studio.import_files([locon])
+    expected = diffusers_image(sdxl_folder, locon)
+    assert np.abs(expected - base).mean() > 0.01, "the LoCon must visibly change the image"
+    assert np.abs(studio_draw(studio, name) - expected).max() <= TOLERANCE
+    path = studio.export_lora(name, tmp_path / "locon-kohya.safetensors", format="kohya")
+    layers = {key.split(".")[0] for key in load_file(str(path))}
+    assert {"lora_unet_input_blocks_2_0_op", "lora_unet_input_blocks_3_0_skip_connection",
+            "lora_unet_middle_block_2_emb_layers_1", "lora_unet_output_blocks_1_2_conv",
+            "lora_unet_output_blocks_3_0_in_layers_2"} <= layers, sorted(layers)
+    assert not any(diffusers in layer for layer in layers for diffusers in ("down_blocks", "mid_block", "up_blocks",
+                                                                             "resnets", "samplers"))
+    assert np.abs(diffusers_image(sdxl_folder, path) - studio_draw(studio, name)).max() <= TOLERANCE
+
+
 def test_a_second_text_encoder_layer_share_does_not_adapt_is_reported_as_text_encoder_2(lora_files, sdxl_studio):
-    """The kept-energy report covers text_encoder_2 on its own line (here its text_projection, no Share layer)."""
+    """The kept-energy report covers text_encoder_2 on its own line (here its final LayerNorm,
+    not a Linear or convolution)."""
     files, _, _ = lora_files
     state = load_file(str(files["diffusers"]))
     generator = torch.Generator().manual_seed(1)
-    state["text_encoder_2.text_projection.lora_A.weight"] = torch.randn(RANK, 48, generator=generator)
-    state["text_encoder_2.text_projection.lora_B.weight"] = torch.randn(48, RANK, generator=generator)
+    state["text_encoder_2.text_model.final_layer_norm.lora_A.weight"] = torch.randn(RANK, 48, generator=generator)
+    state["text_encoder_2.text_model.final_layer_norm.lora_B.weight"] = torch.randn(48, RANK, generator=generator)
     _, info = read_lora_components(state, sdxl_studio._models())
     assert info["kept"]["text_encoder_2"]["layers_lost"] == 1 and info["kept"]["text_encoder_2"]["kept"] < 0.999
-    assert info["kept"]["text_encoder"] == {"kept": 1.0, "bound": False, "layers_lost": 0}
+    assert info["kept"]["text_encoder"] == {"kept": 1.0, "bound": False, "layers_lost": 0, "layers_cut": 0}
     (warning,) = info["warnings"]
     assert warning.startswith("text_encoder_2: kept ") and "not a layer kind Share adapts" in warning
 
