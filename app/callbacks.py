@@ -40,7 +40,7 @@ from share_diffusion.images import IMAGE_EXTENSIONS, load_training_images
 from share_diffusion.library import LibraryError, check_style_name, default_trigger, file_stem
 from share_diffusion.loading import model_info
 from share_diffusion.png_metadata import read_png_metadata, save_generated, save_png
-from share_diffusion.studio import CLASH_POLICIES, DriftPreview, Studio
+from share_diffusion.studio import CLASH_POLICIES, DriftPreview, MergeReport, Studio
 from share_diffusion.training import TrainingCancelled, TrainingProgress, presets_for, training_config
 from share_diffusion.training_job import TrainingJob, TrainingPreview
 
@@ -58,9 +58,9 @@ SAMPLE_STEPS = 15
 SAMPLE_GUIDANCE = 4.0
 #: Earlier styles compared before/after a merge (the most recent ones; each costs two samples).
 MAX_COMPARED_STYLES = 8
-#: Styles listed in an import's drift report (the most drifted first).
+#: Styles listed in a held merge's drift report (the most drifted first).
 MAX_REPORTED_STYLES = 30
-#: Earlier styles drawn before and after an import that would drift them (the most drifted; two images each).
+#: Earlier styles drawn before and after a merge that would drift them (the most drifted; two images each).
 MAX_PREVIEWED_STYLES = 4
 LIBRARY_HEADERS = ["sample", "name", "trigger", "created", "images", "steps", "rank", "ΔW error (budget)", "source"]
 REJECTED_HEADERS = ["file", "reason"]
@@ -159,7 +159,42 @@ def _number(value, kind):
 
 def _no_import_confirmation() -> tuple[dict, dict, dict]:
     """Updates hiding the import confirmation: the previews gallery (emptied), Confirm and Cancel."""
-    return gr.update(value=[], visible=False), gr.update(visible=False), gr.update(visible=False)
+    return gr.update(value=[], visible=False), *_no_confirmation()
+
+
+def _no_confirmation() -> tuple[dict, dict]:
+    """Updates hiding a held merge's Confirm and Cancel buttons."""
+    return gr.update(visible=False), gr.update(visible=False)
+
+
+def _confirmation(report: MergeReport) -> tuple[dict, dict]:
+    """Updates showing a held merge's Confirm (only when every style stays within its budget) and Cancel."""
+    return gr.update(visible=not any(d.over_budget for d in report.drifts)), gr.update(visible=True)
+
+
+def _merge_sizes(report: MergeReport) -> str:
+    return (f"basis rank k {report.basis_rank_before} → {report.basis_rank_after}, file "
+            f"{format_bytes(report.bytes_before)} → {format_bytes(report.bytes_after)}")
+
+
+def _held_merge(report: MergeReport, action: str) -> str:
+    """A held merge (an "import" or a training's "merge"): whether it may be confirmed, and each
+    style's ΔW error now and after it, the most drifted first."""
+    over = [d for d in report.drifts if d.over_budget]
+    drifting = f"{len(report.drifting)} style(s) would drift under the size limit"
+    if over:
+        verdict = (f"**Not possible under the size limit:** {drifting}, {len(over)} past their budget. "
+                   "Raise the size limit or the budget (Library tab), or remove styles; **Cancel** to close.")
+    else:
+        verdict = f"{drifting}, each within its budget. **Confirm** to {action}, or **Cancel**; nothing is written until then."
+    if report.previews:
+        verdict += " Below: the most drifted earlier styles before and after it (same prompt and seed)."
+    rows = [f"| style | ΔW error now | after the {action} | budget |", "|---|---:|---:|---:|"]
+    for drift in sorted(report.drifts, key=lambda d: -d.after)[:MAX_REPORTED_STYLES]:
+        now = "new" if drift.name in report.names else f"{drift.before:.1e}"
+        after = ("" if drift.exact else "≤ ") + f"{drift.after:.1e}" + (" **over budget**" if drift.over_budget else "")
+        rows.append(f"| {_markdown_cell(drift.name)} | {now} | {after} | {percent(drift.budget)} |")
+    return "\n\n".join([verdict, "\n".join(rows)])
 
 
 def choices_update(names: list[str], value: str | None, with_none: bool) -> dict:
@@ -452,7 +487,23 @@ class StudioCallbacks:
     @shown_errors
     def train(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
               seed=0, flip=True, text_encoder_lr=0.0, progress=gr.Progress()) -> Iterator[tuple]:
-        """Stream (status, live previews, before/after gallery, error rows) while a style trains."""
+        """Stream (status, live previews, before/after gallery, error rows, Confirm, Cancel) while a
+        style trains. A merge that would cut styles is held: nothing is written, the status shows
+        each style's error now and after it, the gallery the most drifted before and after, and the
+        page waits for Confirm (confirm_merge; offered only within every budget) or Cancel (cancel_merge)."""
+        yield from self._training(files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
+                                  seed, flip, text_encoder_lr, progress, merge_held=False)
+
+    @shown_errors
+    def confirm_merge(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
+                      seed=0, flip=True, text_encoder_lr=0.0, progress=gr.Progress()) -> Iterator[tuple]:
+        """Confirm: merge the held training (it resumes at its last step, so no step trains), with the
+        same updates as train."""
+        yield from self._training(files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every,
+                                  seed, flip, text_encoder_lr, progress, merge_held=True)
+
+    def _training(self, files, name, trigger, preset, steps, learning_rate, rank, batch_size, preview_every, seed, flip,
+                  text_encoder_lr, progress, merge_held: bool) -> Iterator[tuple]:
         studio = self._require_studio()
         name = check_style_name(name)
         if studio.library.has_style(name):
@@ -477,7 +528,9 @@ class StudioCallbacks:
         if not config.learning_rate > 0:
             raise ValueError("the learning rate must be above 0")
 
-        job = TrainingJob(studio, [folder], name, trigger=trigger or None, config=config, preset=preset or "quick")
+        job = TrainingJob(studio, [folder], name, trigger=trigger or None, config=config, preset=preset or "quick",
+                          resume=True if merge_held else None, hold_if_drifting=not merge_held,
+                          previews=MAX_PREVIEWED_STYLES)
         self._job = job
         try:
             yield from self._train(studio, job, name, config, progress)
@@ -487,16 +540,17 @@ class StudioCallbacks:
                 self._job = None
 
     def _train(self, studio: Studio, job: TrainingJob, name: str, config, progress) -> Iterator[tuple]:
+        hidden = _no_confirmation()
         # Earlier styles, before the merge: rendered now with the main pipeline (training uses a copy).
         compared = studio.style_names()[-MAX_COMPARED_STYLES:]
         comparison: list[tuple[str, str]] = []
         before_dir = self._new_dir("compare")
         for number, earlier in enumerate(compared, 1):
             progress((number - 1, len(compared)), desc="Rendering earlier styles before the merge")
-            yield f"Rendering earlier styles before the merge ({number}/{len(compared)})…", [], comparison, []
+            yield f"Rendering earlier styles before the merge ({number}/{len(compared)})…", [], comparison, [], *hidden
             if job.cancel_requested:
                 gr.Warning("training cancelled before it started; the library is unchanged")
-                yield "Cancelled before the training started; the library is unchanged.", [], comparison, []
+                yield "Cancelled before the training started; the library is unchanged.", [], comparison, [], *hidden
                 return
             path = self.render_sample(earlier, before_dir / f"{number:02d}-before.png")
             comparison.append((str(path), f"{earlier} · before"))
@@ -505,7 +559,7 @@ class StudioCallbacks:
         previews: list[tuple[str, str]] = []
         status = f"Training **{name}**: preparing the images…"
         job.start()
-        yield status, previews, comparison, []
+        yield status, previews, comparison, [], *hidden
         last_yield = 0.0
         for event in job.events():
             if isinstance(event, TrainingProgress):
@@ -520,18 +574,25 @@ class StudioCallbacks:
                 previews = previews + [(str(p), f"step {event.step}") for p in paths]
             if isinstance(event, TrainingPreview) or time.monotonic() - last_yield > 0.5:
                 last_yield = time.monotonic()
-                yield status, previews, comparison, []
+                yield status, previews, comparison, [], *hidden
 
         try:
             result = job.result()
         except TrainingCancelled as error:
             gr.Warning(str(error))
-            yield f"Cancelled: {error}", previews, comparison, []
+            yield f"Cancelled: {error}", previews, comparison, [], *hidden
             return
         except BaseException as error:  # noqa: BLE001 - shown on the page, then re-raised
-            yield f"**{name}** was not learned: {first_line(error, with_type=False)}", previews, comparison, []
+            yield f"**{name}** was not learned: {first_line(error, with_type=False)}", previews, comparison, [], *hidden
             raise
         skipped = f" {len(result.rejected)} rejected file(s) were skipped (see the list)." if result.rejected else ""
+        if result.held is not None:
+            held = (f"Trained **{name}** ({config.steps} steps). Merging it ({_merge_sizes(result.held)}) would cut "
+                    "styles, so nothing is written yet; its trained state is kept (training it again with the same "
+                    f"images and settings merges it without another step).{skipped}")
+            yield ("\n\n".join([held, _held_merge(result.held, "merge")]), previews,
+                   self._preview_gallery(result.held.previews), [], *_confirmation(result.held))
+            return
 
         # After the merge: the same samples again, and each earlier style's reconstruction error.
         sample = self.render_sample(name)
@@ -549,7 +610,12 @@ class StudioCallbacks:
                     f"images, where 0 is the base model and 1 your images." if result.strength else "")
         resumed = f" Continued the interrupted training from step {result.resumed_from}." if result.resumed_from is not None else ""
         yield (f"Learned **{name}** ({config.steps} steps).{resumed} It is in the style list of the Generate tab.{strength}{skipped}",
-               previews, pairs, errors)
+               previews, pairs, errors, *hidden)
+
+    def cancel_merge(self, name) -> tuple[str, list, dict, dict]:
+        """Cancel a held merge (it wrote nothing) -> (a line, the gallery emptied, Confirm and Cancel hidden)."""
+        return (f"Merge cancelled: the library is unchanged. **{_markdown_cell(name)}** is kept as an interrupted "
+                "training: training it again with the same images and settings continues it.", [], *_no_confirmation())
 
     def cancel_training(self) -> str:
         job = self._job
@@ -615,8 +681,7 @@ class StudioCallbacks:
                                                previews=MAX_PREVIEWED_STYLES)
         if not report.names:
             return "Nothing to import: every style name is already in the library.", *_no_import_confirmation()
-        numbers = (f"basis rank k {report.basis_rank_before} → {report.basis_rank_after}, file "
-                   f"{format_bytes(report.bytes_before)} → {format_bytes(report.bytes_after)}")
+        numbers = _merge_sizes(report)
         kept = [_markdown_cell(line) for line in report.kept_lines()]
         kept += [f"**Warning:** {_markdown_cell(w)}" for w in report.warnings]  # under 99.9% of a LoRA's ΔW energy
         if report.committed:
@@ -624,36 +689,21 @@ class StudioCallbacks:
             added = ", ".join(f"**{_markdown_cell(n)}**" for n in report.names)
             return "\n\n".join([f"Imported {added} in one merge ({numbers}); no style drifted.", *kept]), \
                 *_no_import_confirmation()
-        over = [d for d in report.drifts if d.over_budget]
-        rows = ["| style | ΔW error now | after the import | budget |", "|---|---:|---:|---:|"]
-        for drift in sorted(report.drifts, key=lambda d: -d.after)[:MAX_REPORTED_STYLES]:
-            now = "new" if drift.name in report.names else f"{drift.before:.1e}"
-            after = ("" if drift.exact else "≤ ") + f"{drift.after:.1e}" + (" **over budget**" if drift.over_budget else "")
-            rows.append(f"| {_markdown_cell(drift.name)} | {now} | {after} | {percent(drift.budget)} |")
         summary = f"Importing {len(report.names)} style(s) in one merge: {numbers}."
-        drifting = f"{len(report.drifting)} style(s) would drift under the size limit"
-        if over:
-            verdict = (f"**Not possible under the size limit:** {drifting}, {len(over)} past their budget. "
-                       "Raise the size limit or the budget (settings below), or remove styles; **Cancel** to close.")
-        else:
-            verdict = (f"{drifting}, each within its budget. **Confirm** to import, or **Cancel**; nothing is written "
-                       "until then.")
-        if report.previews:
-            verdict += " Below: the most drifted earlier styles before and after it (same prompt and seed)."
-        return ("\n\n".join([summary, *kept, verdict, "\n".join(rows)]),
+        return ("\n\n".join([summary, *kept, _held_merge(report, "import")]),
                 gr.update(value=self._preview_gallery(report.previews), visible=bool(report.previews)),
-                gr.update(visible=not over), gr.update(visible=True))
+                *_confirmation(report))
 
     def _preview_gallery(self, previews: list[DriftPreview]) -> list[tuple[str, str]]:
         """Each style's before and after images (saved as PNGs with their prompt and seed), captioned."""
-        folder = self._new_dir("import-previews")
+        folder = self._new_dir("merge-previews")
         gallery = []
         for number, preview in enumerate(previews, 1):
             name, drift = preview.drift.name, ("" if preview.drift.exact else "≤ ") + percent(preview.drift.after)
             for when, image, caption in (("before", preview.before, f"{name} · before"),
                                          ("after", preview.after, f"{name} · after (drift {drift})")):
                 metadata = {"prompt": preview.prompt, "seed": preview.seed, "styles": {name: 1.0},
-                            "import_preview": when}
+                            "merge_preview": when}
                 gallery.append((str(save_png(image, folder / f"{number:02d}-{when}.png", metadata)), caption))
         return gallery
 

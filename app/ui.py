@@ -151,6 +151,9 @@ def _train_tab(cb: StudioCallbacks) -> dict:
                 c["train"] = gr.Button("Train", variant="primary", elem_id="train-button")
                 c["cancel"] = gr.Button("Cancel", variant="stop", elem_id="cancel-button")
             c["status"] = gr.Markdown(elem_id="train-status")
+            with gr.Row():  # a held merge (it would cut styles): shown by the Train button's handler
+                c["confirm_merge"] = gr.Button("Confirm merge", variant="primary", visible=False, elem_id="confirm-merge")
+                c["cancel_merge"] = gr.Button("Cancel merge", visible=False, elem_id="cancel-merge")
             c["cancel_note"] = gr.Markdown()
             c["previews"] = gr.Gallery(label="Previews while training", columns=4, fit_columns=False, height=200,
                                        elem_id="train-previews")
@@ -272,9 +275,13 @@ def build_app(pipe, *, library_path: str | Path | None = None, output_dir: str |
         gen["refresh"].click(cb.refresh_styles, inputs=selections, outputs=selections, api_visibility="private")
         train_inputs = [train[k] for k in ("files", "name", "trigger", "preset", "steps", "learning_rate", "rank", "batch_size",
                                            "preview_every", "seed", "flip", "text_encoder_lr")]
-        after(train["train"].click(cb.train, inputs=train_inputs,
-                                   outputs=[train["status"], train["previews"], train["comparison"], train["errors"]],
+        train_outputs = [train[k] for k in ("status", "previews", "comparison", "errors", "confirm_merge", "cancel_merge")]
+        after(train["train"].click(cb.train, inputs=train_inputs, outputs=train_outputs,
                                    concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_name="train"))
+        after(train["confirm_merge"].click(cb.confirm_merge, inputs=train_inputs, outputs=train_outputs, concurrency_limit=1,
+                                           concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
+        train["cancel_merge"].click(cb.cancel_merge, inputs=train["name"], api_visibility="private",
+                                    outputs=[train["status"], train["comparison"], train["confirm_merge"], train["cancel_merge"]])
         after(lib["rename"].click(cb.rename, inputs=[lib["selected"], lib["new_name"]], outputs=[lib["status"], lib["selected"]],
                                   concurrency_limit=1, concurrency_id=LIBRARY_QUEUE, api_visibility="private"))
         after(lib["remove"].click(cb.remove, inputs=lib["selected"], outputs=lib["status"],

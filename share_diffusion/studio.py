@@ -3,7 +3,9 @@
 `Studio` owns the pipeline's Share layers and the library file. Every change to the library
 (train, import, remove, rename, undo) runs as one transaction: take the file lock, reload the file
 if another process changed it, change, save atomically. If anything fails, or a training is
-cancelled, the model and the file are exactly as they were.
+cancelled, the model and the file are exactly as they were. A merge that would cut styles can be
+held instead (import_unless_drifting, train with hold_if_drifting): made in full, its most drifted
+styles drawn, then rolled back the same way, for the user to confirm or drop.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class TrainResult:
     rejected: list = field(default_factory=list)  # images that could not be used, with reasons
     strength: Estimate | None = None  # how far previews moved toward the user's own images (style_measure)
     resumed_from: int | None = None  # the step an interrupted training was continued from
+    #: a merge held back (hold_if_drifting): nothing was written, the training stays resumable
+    held: MergeReport | None = None
 
 
 @dataclass
@@ -81,7 +85,7 @@ class DriftPreview:
 
 @dataclass
 class MergeReport:
-    """What a merge did, or would do (Studio.check_import)."""
+    """What a merge did, or would do (Studio.check_import, a held training's TrainResult.held)."""
 
     names: list[str]  # the new styles
     drifts: list[StyleDrift]  # every style's error before and after (drift.py)
@@ -114,11 +118,12 @@ class MergeReport:
 
 
 class _DryRun(Exception):
-    """Raised inside a transaction to roll it back and hand out what it computed."""
+    """Raised inside a transaction to roll it back and hand out what it computed: `result`, with
+    the `report` of its merge."""
 
-    def __init__(self, report: MergeReport):
+    def __init__(self, report: MergeReport, result: object):
         super().__init__("dry run")
-        self.report = report
+        self.report, self.result = report, result
 
 
 class Studio:
@@ -284,11 +289,10 @@ class Studio:
             self._attach()
 
     def _merge(self, models: dict[str, torch.nn.Module], new: dict[str, tuple[dict, float]], new_records: list[dict],
-               action: str, refuse: bool = True) -> list[StyleDrift]:
+               action: str) -> list[StyleDrift]:
         """Merge new styles {id: ({component: factors}, scale)} into `models` {component: model} in one
-        step (one SVD per layer over all of them), after checking that no style drifts past its budget
-        (drift.py; refuse=False: only report it, for the caller to decide), and record every style's
-        error. A component a style lacks gets it with ΔW = 0. A refused merge changes nothing."""
+        step (one SVD per layer over all of them) and record every style's error (drift.py). A
+        component a style lacks gets it with ΔW = 0. Budgets are the caller's (_keep_or_hold)."""
         meta = self.library.meta
         ids = share.style_ids(models["unet"]) + list(new)
         records = {r["id"]: r for r in [*meta["styles"], *new_records]}
@@ -301,8 +305,6 @@ class Studio:
             plans[component] = share.plan_merge(model, {i: factors.get(component, {}) for i, (factors, _) in new.items()},
                                                 allowances)
         outcome = merge_outcome(meta, ids, new_records, {f"{c}.{name}": m for c, plan in plans.items() for name, m in plan.items()})
-        if refuse:
-            check_budgets(outcome, self.library.meta["share"]["max_basis_rank"])
         for component, model in models.items():
             share.apply_merge(model, plans[component], {i: scale for i, (_, scale) in new.items()})
         self.library.styles.extend(new_records)
@@ -344,7 +346,7 @@ class Studio:
     def train(self, images: list, name: str, trigger: str | None = None, config: TrainingConfig | None = None,
               preset: str = "quick", progress: Callable[[TrainingProgress], None] | None = None,
               preview: Callable[[int, list], None] | None = None, cancel: threading.Event | None = None,
-              resume: bool | None = None) -> TrainResult:
+              resume: bool | None = None, hold_if_drifting: bool = False, previews: int = 0) -> TrainResult:
         """Learn a style from image files or folders and merge it into the library.
 
         An interrupted training of the same name (checkpoints.py) is continued when `resume` is
@@ -353,6 +355,11 @@ class Studio:
         trains its share of each batch and only the main one writes the library. With
         config.text_encoder_lr > 0 the adapted text encoders learn the style too, and every trained
         model's part is merged in the one merge step.
+
+        With `hold_if_drifting`, a merge that would cut any style is held: nothing is written, the
+        result's `held` report has up to `previews` of the most drifted earlier styles drawn before
+        and after it, and the training's final checkpoint is kept. Training again with the same
+        images and settings (resume=True, no hold) then merges it without a training step.
         """
         name = check_style_name(name)
         trigger = check_trigger(trigger) if trigger else default_trigger(name)
@@ -401,6 +408,7 @@ class Studio:
             style_id, _, scale = taken["unet"]
             factors = {component: layer_factors for component, (_, layer_factors, _) in taken.items()}
             record["rank"] = max((b.shape[1] for part in factors.values() for b, _ in part.values()), default=0)
+            sizes = self._sizes()
             with self._merge_lock:  # a model that did not train is the pipeline's own: it gets the style with ΔW = 0
                 models = self._models()
                 outcome = self._merge(models | trained, {style_id: (factors, scale)}, [record], "train")
@@ -410,10 +418,13 @@ class Studio:
             before = {d.name: d.before for d in outcome if d.id != style_id}
             after = {d.name: d.after for d in outcome if d.id != style_id}
             self._capture()
-            return TrainResult(name, before, after, image_set.rejected, resumed_from=resumed_from)
+            report = self._merge_report([name], outcome, sizes)
+            keep = not (hold_if_drifting and report.drifting)
+            return self._keep_or_hold(report, keep, previews, TrainResult(
+                name, before, after, image_set.rejected, resumed_from=resumed_from, held=None if keep else report))
 
         try:
-            result = self._transaction(change)
+            result = self._merge_transaction(change)
         except BaseException as error:
             if processes is not None and not started:
                 main_process_verdict(first_line(error))
@@ -421,6 +432,8 @@ class Studio:
         finally:
             if processes is not None and started:
                 processes.wait_for_everyone()
+        if result.held is not None:
+            return result  # its checkpoint stays, to be merged later (resume=True)
         checkpoint.remove()
         if config.strength_previews:
             result.strength = self.style_strength(name, image_set, config.strength_previews)
@@ -499,6 +512,40 @@ class Studio:
     def _draw(self, preview: DriftPreview) -> Image.Image:
         return self.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0]
 
+    def _sizes(self) -> tuple[int, int]:
+        """The basis rank and the file's size in bytes, for a MergeReport's before."""
+        return self.library.basis_rank(), self.path.stat().st_size if self.path.exists() else 0
+
+    def _merge_report(self, names: list[str], drifts: list[StyleDrift], sizes: tuple[int, int],
+                      files: dict | None = None) -> MergeReport:
+        """The report of a merge just made in memory; `sizes`: _sizes() before it."""
+        return MergeReport(names, drifts, sizes[0], self.library.basis_rank(), sizes[1], len(self.library.to_bytes()),
+                           files or {})
+
+    def _keep_or_hold(self, report: MergeReport, keep: bool, previews: int, result):
+        """The end of a merge's change (_merge_transaction): keep it and return `result`, unless a
+        style drifts past its budget (drift.DriftError); or hold it, with up to `previews` of the
+        most drifted earlier styles drawn in the merged state, and roll it back."""
+        if keep:
+            check_budgets(report.drifts, self.library.meta["share"]["max_basis_rank"])
+            return result
+        report.committed = False
+        earlier = [d for d in report.drifting if d.name not in report.names]
+        report.previews = [DriftPreview(d, self.sample_prompt(d.name)) for d in earlier[:previews]]
+        for preview in report.previews:
+            preview.after = self._draw(preview)
+        raise _DryRun(report, result)
+
+    def _merge_transaction(self, change: Callable[[], object]):
+        """_transaction(change) for a change that ends in _keep_or_hold: a held merge returns its
+        result, the previews drawn before it once the library is as it was again."""
+        try:
+            return self._transaction(change)
+        except _DryRun as dry_run:
+            for preview in dry_run.report.previews:
+                preview.before = self._draw(preview)
+            return dry_run.result
+
     def _import(self, paths: list, on_clash: str, commit: Callable[[MergeReport], bool],
                 previews: int = 0) -> MergeReport:
         """The merge of `paths`, kept if commit(report), else rolled back (report.committed False)
@@ -528,7 +575,7 @@ class Studio:
                 incoming.append((record["name"], record["trigger"], factors, {"imported": f"library {path.name}", **kept}))
 
         def change():
-            rank_before, bytes_before = self.library.basis_rank(), self.path.stat().st_size if self.path.exists() else 0
+            sizes = self._sizes()
             new, records, taken = {}, [], set()
             for name, trigger, factors, details in incoming:
                 if self.library.has_style(name) or name in taken:
@@ -550,28 +597,14 @@ class Studio:
             if new:
                 with self._merge_lock:
                     self._add_layers(models, [factors for factors, _ in new.values()])
-                    drifts = self._merge(models, new, records, "import", refuse=False)  # refused below, if kept
+                    drifts = self._merge(models, new, records, "import")
                     for model in models.values():
                         share.set_active_styles(model, None)
             self._capture()
-            report = MergeReport([r["name"] for r in records], drifts, rank_before, self.library.basis_rank(),
-                                 bytes_before, len(self.library.to_bytes()), files)
-            if commit(report):
-                check_budgets(drifts, self.library.meta["share"]["max_basis_rank"])
-                return report
-            report.committed = False
-            earlier = [d for d in report.drifting if d.name not in report.names]
-            report.previews = [DriftPreview(d, self.sample_prompt(d.name)) for d in earlier[:previews]]
-            for preview in report.previews:
-                preview.after = self._draw(preview)
-            raise _DryRun(report)
+            report = self._merge_report([r["name"] for r in records], drifts, sizes, files)
+            return self._keep_or_hold(report, commit(report), previews, report)
 
-        try:
-            return self._transaction(change)
-        except _DryRun as dry_run:  # the library is as it was again
-            for preview in dry_run.report.previews:
-                preview.before = self._draw(preview)
-            return dry_run.report
+        return self._merge_transaction(change)
 
     def _remove(self, name: str) -> None:
         record = self.library.style(name)

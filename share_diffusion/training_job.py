@@ -33,14 +33,16 @@ class _Finished:
 
 
 class TrainingJob:
-    """Learn one style with `Studio.train` in a thread named ``train-<name>``.
+    """Learn one style with `Studio.train` (its `resume`, `hold_if_drifting` and `previews` too) in
+    a thread named ``train-<name>``.
 
     Create it, `start` it, read `events` until they end, then call `result`, which re-raises the
     worker's error. `cancel` may be called from any thread, also before `start`.
     """
 
     def __init__(self, studio: Studio, images: list, name: str, trigger: str | None = None,
-                 config: TrainingConfig | None = None, preset: str = "quick", resume: bool | None = None):
+                 config: TrainingConfig | None = None, preset: str = "quick", resume: bool | None = None,
+                 hold_if_drifting: bool = False, previews: int = 0):
         self._cancel = threading.Event()
         self._events: queue.Queue = queue.Queue()
         self._outcome: dict = {}
@@ -50,7 +52,7 @@ class TrainingJob:
                 self._outcome["result"] = studio.train(
                     images, name, trigger=trigger, config=config, preset=preset, progress=self._events.put,
                     preview=lambda step, samples: self._events.put(TrainingPreview(step, samples)), cancel=self._cancel,
-                    resume=resume)
+                    resume=resume, hold_if_drifting=hold_if_drifting, previews=previews)
             except BaseException as error:  # noqa: BLE001 - re-raised in the caller by result()
                 self._outcome["error"] = error
             finally:

@@ -84,8 +84,9 @@ def test_example_upload_train_and_generate_with_the_new_style(cb, tmp_path):
     assert summary.startswith("4 usable images (4 with captions); 1 rejected")
 
     updates = train(cb, files[:8] + [str(broken)], name, trigger)
-    status, previews, comparison, errors = updates[-1]
+    status, previews, comparison, errors, confirm, cancel = updates[-1]
     assert status.startswith("Learned **Hatching**") and comparison == [] and errors == []
+    assert confirm["visible"] is False and cancel["visible"] is False  # nothing to confirm
     assert [caption for _, caption in previews] == ["step 2", "step 4", "Hatching · final sample"]
     assert any("step" in update[0] for update in updates[:-1])  # progress was streamed
     assert cb.studio.library.style("Hatching")["images"] == 4
@@ -107,7 +108,7 @@ def test_example_upload_train_and_generate_with_the_new_style(cb, tmp_path):
 
 def test_second_style_shows_earlier_styles_before_and_after_the_merge(cb):
     train(cb, example_files("hatching"), "Hatching")
-    _, _, comparison, errors = train(cb, example_files("neon"), "Neon")[-1]
+    _, _, comparison, errors, _, _ = train(cb, example_files("neon"), "Neon")[-1]
     assert [caption for _, caption in comparison] == ["Hatching · before", "Hatching · after"]
     before, after = (pixels(path) for path, _ in comparison)
     assert np.abs(before - after).max() <= 1.0  # same seed, and the merge kept Hatching
@@ -235,6 +236,50 @@ def test_cancelling_an_import_past_the_budget_leaves_the_library_file_byte_ident
     assert message == "Import cancelled: the library is unchanged."
     assert previews["value"] == [] and not (previews["visible"] or confirm["visible"] or cancel["visible"])
     assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["First"]
+
+
+# Train-tab fields for a short training without preview images: steps, learning rate, rank, batch size, preview every.
+TWO_STEPS = (2, 1e-2, 4, 2, 0)
+
+
+def held_training(cb: StudioCallbacks, tmp_path: Path, budget_percent: float) -> tuple:
+    """An imported rank-4 style, then a size limit of 5: training a rank-4 style would cut it. The
+    Train button's last update, with the library file's bytes from before it."""
+    first = str(random_lora(cb.pipe, tmp_path / "First.safetensors", seed=0))
+    cb.save_drift_settings(budget_percent, 0)  # the budget of the styles made from now on
+    cb.start_import([first], "rename")
+    cb.save_drift_settings(budget_percent, 5)
+    saved = cb.studio.path.read_bytes()
+    return train(cb, example_files("neon"), "Neon", settings=TWO_STEPS)[-1], saved
+
+
+def test_a_training_that_drifts_a_style_is_held_with_previews_and_confirm_merges_it(cb, tmp_path):
+    (status, _, comparison, errors, confirm, cancel), saved = held_training(cb, tmp_path, budget_percent=100)
+    assert status.startswith("Trained **Neon** (2 steps). Merging it (basis rank k 4 → 5") and "nothing is written" in status
+    assert "each within its budget. **Confirm** to merge" in status
+    assert "| First | " in status and "| Neon | new |" in status and "after the merge" in status
+    assert [caption.split(" (")[0] for _, caption in comparison] == ["First · before", "First · after"] and errors == []
+    assert confirm["visible"] is True and cancel["visible"] is True
+    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["First"]
+
+    status, _, comparison, errors, confirm, cancel = list(cb.confirm_merge(example_files("neon"), "Neon", "", "quick",
+                                                                           *TWO_STEPS))[-1]
+    assert status.startswith("Learned **Neon** (2 steps). Continued the interrupted training from step 2.")
+    assert [caption for _, caption in comparison] == ["First · before", "First · after"]
+    assert [row[0] for row in errors] == ["First"] and float(errors[0][2]) > 1e-3  # the cut, now made
+    assert confirm["visible"] is False and cancel["visible"] is False
+    assert cb.studio.style_names() == ["First", "Neon"] and cb.studio.interrupted_training("Neon") is None
+
+
+def test_cancelling_a_held_training_past_the_budget_leaves_the_library_file_byte_identical(cb, tmp_path):
+    (status, _, comparison, _, confirm, cancel), saved = held_training(cb, tmp_path, budget_percent=1)
+    assert "Not possible under the size limit" in status and "**over budget**" in status
+    assert confirm["visible"] is False and cancel["visible"] is True and len(comparison) == 2
+    message, comparison, confirm, cancel = cb.cancel_merge("Neon")
+    assert message.startswith("Merge cancelled: the library is unchanged. **Neon** is kept as an interrupted training")
+    assert comparison == [] and confirm["visible"] is False and cancel["visible"] is False
+    assert cb.studio.path.read_bytes() == saved and cb.studio.style_names() == ["First"]
+    assert cb.studio.interrupted_training("Neon") == 2
 
 
 def test_errors_are_one_line_messages_and_change_nothing(cb, tmp_path):

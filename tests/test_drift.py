@@ -1,7 +1,8 @@
 """No style is ever silently degraded (issue #20): k grows as the styles need, a size limit that
 would push a style past its drift budget refuses the merge, every reported error is measured
-against the ΔW the style came with, each style keeps its own rank, and an import of many files is
-one merge. Real LoRA files on the embedded model; nothing mocked."""
+against the ΔW the style came with, each style keeps its own rank, an import of many files is one
+merge, and an import or a training whose merge would cut styles can be held for the user to see
+first. Real LoRA files and trainings on the embedded model; nothing mocked."""
 
 import json
 import os
@@ -20,6 +21,7 @@ from share_diffusion.loading import EMBEDDED_MODEL_DIR, load_pipeline
 from share_diffusion.lora_interop import export_lora, read_lora, save_lora
 from share_diffusion.share import ShareConfig, ShareLinear
 from share_diffusion.studio import Studio, library_style_factors
+from share_diffusion.training import TrainingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = os.environ.get("SHARE_TEST_MODEL", str(EMBEDDED_MODEL_DIR))
@@ -221,6 +223,81 @@ def test_an_import_that_cuts_is_held_with_the_most_drifted_styles_drawn_before_a
     now = studio.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0]
     assert np.array_equal(np.asarray(now), np.asarray(preview.before))
     assert not np.array_equal(np.asarray(preview.before), np.asarray(preview.after))
+
+
+def pictures(count: int = 4) -> list[Path]:
+    return sorted((ROOT / "styles" / "examples" / "hatching").glob("*.png"))[:count]
+
+
+TWO_STEPS = TrainingConfig(steps=2, batch_size=2, learning_rate=1e-2, strength_previews=0)
+
+
+def studio_with_two_loras(pipe, folder: Path, name: str, drift_budget: float) -> Studio:
+    """Two unrelated rank-8 LoRA styles (16 basis directions), then a size limit of 18: a rank-4
+    training needs 4 more, so its merge cuts."""
+    studio = Studio(pipe, folder / name)
+    studio.configure(drift_budget=drift_budget)
+    studio.import_files(lora_files(pipe, folder, 2, rank=8, seed=6))
+    studio.configure(size_limit=18)
+    return studio
+
+
+def test_a_training_that_cuts_is_held_and_its_confirm_merges_it_without_a_step(pipe, tmp_path):
+    """hold_if_drifting: the merge of a training that cuts is rolled back with the most drifted
+    earlier style drawn before and after, its checkpoint kept; training it again with resume=True
+    merges it at once (no step trains), the same style as a training never held, and the library
+    then draws what the preview showed."""
+    straight = studio_with_two_loras(pipe, tmp_path, "straight.safetensors", drift_budget=1.0)
+    straight.train(pictures(), "Grain", config=TWO_STEPS)
+    studio = studio_with_two_loras(pipe, tmp_path, "library.safetensors", drift_budget=1.0)
+    saved = studio.path.read_bytes()
+
+    result = studio.train(pictures(), "Grain", config=TWO_STEPS, hold_if_drifting=True, previews=1)
+    held = result.held
+    assert held is not None and not held.committed and held.names == ["Grain"]
+    assert (held.basis_rank_before, held.basis_rank_after) == (16, 18) and held.bytes_before == len(saved)
+    earlier = [d for d in held.drifting if d.name != "Grain"]
+    assert earlier and earlier[0].after > share.EXACT and not any(d.over_budget for d in held.drifts)
+    [preview] = held.previews
+    assert preview.drift == earlier[0] and preview.prompt == studio.sample_prompt(earlier[0].name)
+    assert studio.path.read_bytes() == saved and studio.style_names() == ["lora-6-00", "lora-6-01"]
+    assert studio.interrupted_training("Grain") == TWO_STEPS.steps
+
+    def drawn() -> np.ndarray:
+        return np.asarray(studio.generate(preview.prompt, style=preview.drift.name, add_trigger=False, seed=preview.seed)[0][0])
+
+    assert np.array_equal(drawn(), np.asarray(preview.before))
+    assert not np.array_equal(np.asarray(preview.before), np.asarray(preview.after))
+
+    steps = []
+    confirmed = studio.train(pictures(), "Grain", config=TWO_STEPS, resume=True, progress=steps.append)
+    assert steps == [] and confirmed.resumed_from == TWO_STEPS.steps and confirmed.held is None
+    assert studio.interrupted_training("Grain") is None and np.array_equal(drawn(), np.asarray(preview.after))
+    kept, reference = StyleLibrary.load(studio.path), StyleLibrary.load(straight.path)
+    assert kept.style("Grain")["error"] == reference.style("Grain")["error"]
+    for component in ("unet", "text_encoder"):
+        ours = library_style_factors(kept, kept.style("Grain")["id"], component)
+        theirs = library_style_factors(reference, reference.style("Grain")["id"], component)
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[layer][i], theirs[layer][i]) for layer in ours for i in (0, 1))
+
+
+def test_a_held_training_past_the_budget_is_refused_on_confirm_and_merges_once_the_limit_is_lifted(pipe, tmp_path):
+    studio = studio_with_two_loras(pipe, tmp_path, "library.safetensors", drift_budget=0.01)
+    saved = studio.path.read_bytes()
+    held = studio.train(pictures(), "Grain", config=TWO_STEPS, hold_if_drifting=True).held
+    assert held is not None and any(d.over_budget for d in held.drifts) and held.previews == []
+    assert studio.path.read_bytes() == saved
+
+    with pytest.raises(DriftError, match="nothing was merged: under the size limit of 18"):
+        studio.train(pictures(), "Grain", config=TWO_STEPS, resume=True)
+    assert studio.path.read_bytes() == saved and studio.style_names() == ["lora-6-00", "lora-6-01"]
+    assert studio.interrupted_training("Grain") == TWO_STEPS.steps
+
+    studio.configure(size_limit=None)
+    steps = []
+    assert studio.train(pictures(), "Grain", config=TWO_STEPS, resume=True, progress=steps.append).held is None
+    assert steps == [] and StyleLibrary.load(studio.path).style("Grain")["cuts"] == 0
 
 
 def test_budgets_and_errors_show_in_list_and_settings(pipe, tmp_path):
