@@ -14,17 +14,15 @@ continual run checked this on the two tuning styles only; here it is every style
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from benchmarks.continual import DEFAULT_MODEL, Evaluation, Settings, capped_library, library_drift
 from benchmarks.drift_bytes import trained_layers
-from benchmarks.output import RUNS, add_output_option, write_results
+from benchmarks.output import RUNS, parse_run_options, save_run
 from benchmarks.specificity import Scores
 from share_diffusion.loading import load_pipeline
 
@@ -94,15 +92,9 @@ def main(argv=None) -> None:
     parser.add_argument("--factors", type=Path, default=RUNS / "drift_bytes_trained" / "trained_factors.safetensors",
                         help="the trained styles (benchmarks.drift_bytes --trained writes them; trained here if missing)")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
-    add_output_option(parser, "known_drift")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_run_options(parser, "known_drift", argv)
     results = run(Settings(), args.factors, args.prompts)
-    command = "python -m benchmarks.known_drift " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(args.out, "known_drift", markdown_report(results, command), {"command": command, **results})
-    print(f"wrote {args.out}/known_drift.md")
+    save_run(args.out, "known_drift", argv, markdown_report, results)
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ differences (a sweep's steps, exact against capped) are paired on the same promp
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from benchmarks.continual import TUNING_STYLES
-from benchmarks.output import add_output_option, write_results
+from benchmarks.output import add_output_option, save_run
 from share_diffusion.style_measure import Estimate, StyleMeasure, StyleSpace, bootstrap_rows
 
 class Scores:
@@ -243,9 +242,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     with np.load(args.images) as saved:
         results = run(dict(saved))
-    command = "python -m benchmarks.specificity " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(args.out, "specificity", markdown_report(results, command), {"command": command, **as_plain(results)})
-    print(f"wrote {args.out}/specificity.md")
+    save_run(args.out, "specificity", argv, lambda _, command: markdown_report(results, command), as_plain(results))
 
 
 if __name__ == "__main__":

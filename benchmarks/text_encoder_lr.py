@@ -11,7 +11,6 @@ one when two are within 0.02 (the rule that chose the UNet's rate, benchmarks/le
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from dataclasses import asdict, replace
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 
 from benchmarks.continual import DEFAULT_MODEL, QUICK, QUICK_TRAINING, TUNING_STYLES, Evaluation, Settings, training_images
-from benchmarks.output import add_output_option, write_results
+from benchmarks.output import parse_run_options, save_run
 from share_diffusion import share
 from share_diffusion.loading import load_pipeline
 from share_diffusion.style_measure import StyleSpace
@@ -96,19 +95,13 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="30 steps, 8 prompts: a smoke run")
     parser.add_argument("--rates", default=",".join(map(str, RATES)), help="comma-separated text-encoder learning rates")
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=None)
-    add_output_option(parser, "text_encoder_lr")
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_run_options(parser, "text_encoder_lr", argv)
     settings, prompts = Settings(), args.prompts
     if args.quick:
         settings, prompts = replace(settings, **QUICK, training=replace(settings.training, **QUICK_TRAINING)), 8
     settings = replace(settings, prompts=prompts)
     results = run(settings, args.model, tuple(float(r) for r in args.rates.split(",")), prompts)
-    command = "python -m benchmarks.text_encoder_lr " + " ".join(sys.argv[1:] if argv is None else argv)
-    write_results(args.out, "text_encoder_lr", markdown_report(results, command), {"command": command, **results})
-    print(f"wrote {args.out}/text_encoder_lr.md")
+    save_run(args.out, "text_encoder_lr", argv, markdown_report, results)
 
 
 if __name__ == "__main__":
