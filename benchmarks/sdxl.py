@@ -38,7 +38,7 @@ from collections import Counter
 
 import torch
 
-from benchmarks.drift_bytes import BYTES_PER_VALUE, layer_bytes, stream_shape
+from benchmarks.drift_bytes import BYTES_PER_VALUE, layer_bytes, merge_stream, synthetic_layers
 from benchmarks.merge import STYLE_RANK, best_time, style_stream
 from benchmarks.output import add_output_option, write_results
 from share_diffusion import share
@@ -173,7 +173,7 @@ def compare_bytes(models: dict[str, torch.nn.Module], factors: dict, counts: tup
     """Per T in `counts`: the library's bytes, T LoRA files' at each of LORA_RANKS (every file the
     size of `factors`' export) and the drift, from the stream merged on one layer per attention shape."""
     shapes = Counter((layer.d_out, layer.d_in) for layer in attention_layers(models["unet"]).values())
-    streams = [row for d_out, d_in in sorted(shapes) for row in stream_shape(d_out, d_in, None, counts)]
+    streams = [row for _, styles in synthetic_layers(shapes, max(counts)).values() for row in merge_stream(styles, None, counts)]
     per_file = {rank: lora_file_bytes(models["unet"], factors, rank) for rank in LORA_RANKS}
     rows = []
     for t in counts:
