@@ -92,7 +92,7 @@ class MergeReport:
     basis_rank_before: int
     basis_rank_after: int
     bytes_before: int
-    bytes_after: int
+    bytes_after: int | None  # None: not measured (a training's merge that is kept shows no report)
     #: per LoRA file: {"kept": {component: {kept, bound, layers_lost}}, "warnings": [...], "skipped_count"}
     #: (lora_interop.read_lora_components); a warning for each component that kept under 99.9% of its ΔW energy
     files: dict[str, dict] = field(default_factory=dict)
@@ -418,8 +418,8 @@ class Studio:
             before = {d.name: d.before for d in outcome if d.id != style_id}
             after = {d.name: d.after for d in outcome if d.id != style_id}
             self._capture()
-            report = self._merge_report([name], outcome, sizes)
-            keep = not (hold_if_drifting and report.drifting)
+            keep = not (hold_if_drifting and any(d.cut for d in outcome))
+            report = self._merge_report([name], outcome, sizes, measure_size=not keep)
             return self._keep_or_hold(report, keep, previews, TrainResult(
                 name, before, after, image_set.rejected, resumed_from=resumed_from, held=None if keep else report))
 
@@ -517,10 +517,11 @@ class Studio:
         return self.library.basis_rank(), self.path.stat().st_size if self.path.exists() else 0
 
     def _merge_report(self, names: list[str], drifts: list[StyleDrift], sizes: tuple[int, int],
-                      files: dict | None = None) -> MergeReport:
-        """The report of a merge just made in memory; `sizes`: _sizes() before it."""
-        return MergeReport(names, drifts, sizes[0], self.library.basis_rank(), sizes[1], len(self.library.to_bytes()),
-                           files or {})
+                      files: dict | None = None, measure_size: bool = True) -> MergeReport:
+        """The report of a merge just made in memory; `sizes`: _sizes() before it. Measuring the file
+        size after it serializes the whole library once more, which a kept training skips."""
+        size_after = len(self.library.to_bytes()) if measure_size else None
+        return MergeReport(names, drifts, sizes[0], self.library.basis_rank(), sizes[1], size_after, files or {})
 
     def _keep_or_hold(self, report: MergeReport, keep: bool, previews: int, result):
         """The end of a merge's change (_merge_transaction): keep it and return `result`, unless a
