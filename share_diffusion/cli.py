@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -313,16 +314,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     bar = tqdm(total=config.steps, desc=f"training {args.name}", unit="step", file=sys.stderr, disable=not main_process)
     job = TrainingJob(studio, args.images, args.name, trigger=args.trigger, config=config, preset=args.preset,
-                      resume=bool(args.resume)).start()
+                      resume=bool(args.resume))
+    # Ctrl-C only sets the cancel flag: the training stops at the next step and rolls back, instead of
+    # being torn down half-way through a save. A handler, not KeyboardInterrupt: an exception raised
+    # wherever the main thread happens to be (inside tqdm's write, a queue's wait) could be lost there.
+    previous_handler = signal.signal(signal.SIGINT, lambda signum, frame: job.cancel())
     try:
-        for event in job.events():
+        for event in job.start().events():
             if isinstance(event, TrainingProgress):
                 bar.update(event.step - bar.n)
                 bar.set_postfix(loss=f"{event.loss:.4f}")
-    except KeyboardInterrupt:
-        # Ctrl-C only sets the cancel flag: the training stops at the next step and rolls back,
-        # instead of being torn down half-way through a save.
-        job.cancel()
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     bar.close()
     try:
         result = job.result()
